@@ -1,0 +1,144 @@
+"""Diffusion transformer with adaLN-Zero conditioning (DiT; Peebles & Xie 2023).
+
+Flax Linen, for the same reasons as the UNet (plain parameter pytree).
+
+    tokens = Conv(p x p, stride p)(x) + fixed 2-D sin-cos position embedding   [B, (H/p)(W/p), D]
+    c      = Embedding(t, cond)                                                 [B, D]
+    depth x DiTBlock:
+        shift1, scale1, gate1, shift2, scale2, gate2 = Dense_zero(SiLU(c))
+        x = x + gate1 * Attn(LN(x) * (1 + scale1) + shift1)
+        x = x + gate2 * MLP(LN(x) * (1 + scale2) + shift2)
+    final: shift, scale = Dense_zero(SiLU(c)); Dense_zero(LN(x) * (1 + scale) + shift)
+           -> p*p*C_out per token, unpatchified to [B, H, W, C_out].
+
+LN is parameter-free (elementwise_affine off), as in the paper. Because the
+modulation Dense layers and the final Dense start at zero, every block starts
+as the identity and the network's initial output is exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.models.embeddings import Embedding
+from diffusion_jax.models.layers import Conv, LayerNorm, dense, to_dtype
+
+# name -> (hidden_size, depth, num_heads), Table 1 of Peebles & Xie 2023.
+DIT_SIZES = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+def pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (MAE / DiT style).
+
+    Half the channels encode the row index, half the column index, each with
+    the 1-D embedding [sin(pos * f_i), cos(pos * f_i)], f_i = 10000^(-i/(dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"hidden_size must be divisible by 4 for the 2-D position embedding, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+
+    def one_d(pos):
+        a = pos.reshape(-1)[:, None] * freqs[None, :]
+        return np.concatenate([np.sin(a), np.cos(a)], axis=1)
+
+    return np.concatenate([one_d(rows), one_d(cols)], axis=1).astype(np.float32)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: x * (1 + scale) + shift, per example."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
+        d = self.hidden_size
+        mod = dense(6 * d, self.dtype, init_scale=0.0, name="adaLN")(nn.silu(c))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+
+        h = modulate(LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="norm_0")(x), shift1, scale1)
+        b, n, _ = h.shape
+        heads, hd = self.num_heads, d // self.num_heads
+        qkv = dense(3 * d, self.dtype, name="qkv")(h)
+        q, k, v = (a.reshape(b, n, heads, hd) for a in jnp.split(qkv, 3, axis=-1))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5
+        w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        h = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, d)
+        h = dense(d, self.dtype, name="attn_out")(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        x = x + gate1[:, None, :] * h
+
+        h = modulate(LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="norm_1")(x), shift2, scale2)
+        h = dense(int(d * self.mlp_ratio), self.dtype, name="mlp_0")(h)
+        h = nn.gelu(h, approximate=True)
+        h = dense(d, self.dtype, name="mlp_1")(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return x + gate2[:, None, :] * h
+
+
+class DiT(nn.Module):
+    """Diffusion transformer. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`."""
+
+    image_size: int = 28
+    in_channels: int = 1
+    patch_size: int = 2
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    freq_dim: int = 256
+    dropout: float = 0.0
+    num_classes: int = 0
+    cond_dim: int = 0
+    cond_combine: str = "add"
+    learn_sigma: bool = False
+    dtype: Any = "float32"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        cond: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> jax.Array:
+        dtype = to_dtype(self.dtype)
+        b, hh, ww, _ = x.shape
+        p, d = self.patch_size, self.hidden_size
+        if hh % p or ww % p or hh != ww:
+            raise ValueError(f"DiT: image {hh}x{ww} must be square and divisible by patch_size={p}")
+        t = jnp.broadcast_to(jnp.asarray(t), (b,))
+        c = Embedding(d, self.freq_dim, self.num_classes, self.cond_dim, self.cond_combine, dtype, name="embed")(t, cond)
+
+        g = hh // p
+        tokens = Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed")(x.astype(dtype))
+        tokens = tokens.reshape(b, g * g, d) + jnp.asarray(pos_embed_2d(d, g), dtype)
+        for i in range(self.depth):
+            tokens = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dropout, dtype, name=f"block_{i}")(tokens, c, train)
+
+        shift, scale = jnp.split(dense(2 * d, dtype, init_scale=0.0, name="final_adaLN")(nn.silu(c)), 2, axis=-1)
+        tokens = modulate(LayerNorm(use_scale=False, use_bias=False, dtype=dtype, name="final_norm")(tokens), shift, scale)
+        out_ch = self.in_channels * (2 if self.learn_sigma else 1)
+        out = dense(p * p * out_ch, dtype, init_scale=0.0, name="final_linear")(tokens)
+        # unpatchify: [B, g*g, p*p*C] -> [B, g, g, p, p, C] -> [B, g*p, g*p, C]
+        out = out.reshape(b, g, g, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, out_ch)
+        return out.astype(jnp.float32)
