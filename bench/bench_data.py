@@ -1,0 +1,103 @@
+"""Input-pipeline throughput and memory on one core.
+
+    .venv/bin/python bench/bench_data.py                      # mnist train, prepared in the data dir
+    .venv/bin/python bench/bench_data.py --random_flip --batch_size 256
+    .venv/bin/python bench/bench_data.py --synthetic          # random 60k x 28x28x1 in a temp dir
+    .venv/bin/python bench/bench_data.py --tfds_records 2000  # also time tfds' data source (PNG decode)
+
+Prints the median images/s over --repeats timed runs of --batches batches,
+the peak RSS of the process, and the RSS growth from loading and iterating
+relative to the decoded dataset's size (uint8 images + int32 labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=400, help="batches per timed run")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--synthetic", action="store_true", help="random uint8 data of MNIST's size in a temp dir")
+    p.add_argument("--tfds_records", type=int, default=0, help="also time reading N records via tfds.data_source")
+    p.add_argument("--all_cores", action="store_true", help="do not pin the process to one core")
+    args = p.parse_args()
+
+    if not args.all_cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+    from diffusion_jax import data
+
+    tmp = None
+    if args.synthetic:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
+        args.data_dir, args.dataset = tmp.name, "synthetic"
+        rng = np.random.default_rng(0)
+        data.write_arrays("synthetic", {"train": (rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8),
+                                                  rng.integers(0, 10, 60000))}, num_classes=10,
+                          data_dir=args.data_dir)
+
+    base = rss_mb()
+    t0 = time.perf_counter()
+    it = data.make_iterator(args.dataset, args.split, batch_size=args.batch_size, seed=0,
+                            random_flip=args.random_flip, process_index=0, process_count=1,
+                            data_dir=args.data_dir, auto_prepare=False)
+    load_s = time.perf_counter() - t0
+    decoded_mb = it.num_examples * (it._images[0].nbytes + 4) / 2**20
+    next(it)  # warm-up
+
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            batch = next(it)
+        rates.append(args.batches * args.batch_size / (time.perf_counter() - t0))
+    grown = rss_mb() - base
+
+    print(f"dataset={args.dataset}/{args.split} N={it.num_examples} batch_size={args.batch_size} "
+          f"random_flip={args.random_flip} cores={len(os.sched_getaffinity(0))}")
+    print(f"load (read + sha256 verify): {load_s:.2f} s")
+    print(f"images/s: median {statistics.median(rates):,.0f}  (min {min(rates):,.0f}, max {max(rates):,.0f}, "
+          f"{args.repeats} runs x {args.batches} batches)")
+    print(f"decoded dataset: {decoded_mb:.1f} MiB; RSS growth after load+iterate: {grown:.1f} MiB "
+          f"({grown / decoded_mb:.2f}x decoded); peak RSS of process: {peak_rss_mb():.1f} MiB")
+    print(f"tensorflow imported: {'tensorflow' in sys.modules}; jax imported: {'jax' in sys.modules}")
+    assert batch["image"].dtype == np.float32
+
+    if args.tfds_records:
+        import tensorflow_datasets as tfds
+
+        source = tfds.data_source(args.dataset, split=args.split, data_dir=str(data.resolve_data_dir(args.data_dir)))
+        idx = np.random.default_rng(0).permutation(len(source))[: args.tfds_records].tolist()
+        t0 = time.perf_counter()
+        source.__getitems__(idx)
+        print(f"tfds.data_source random access (PNG decode): {args.tfds_records / (time.perf_counter() - t0):,.0f} images/s")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
