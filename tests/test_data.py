@@ -392,6 +392,18 @@ def test_num_epochs_and_default_process(toy):
     assert len(list(it)) == 5
 
 
+def test_grain_reads_the_data_source(toy):
+    import grain
+
+    images, labels = toy
+    source = data.data_source("toy", "train")
+    assert len(source) == N
+    ds = grain.MapDataset.source(source)
+    for i in (0, 17, N - 1):
+        np.testing.assert_array_equal(ds[i]["image"], images[i])
+        assert ds[i]["label"] == labels[i]
+
+
 # ---------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ see `storage` for the layout and `pipeline` for the batch order.
 
 from __future__ import annotations
 
-from diffusion_jax.data.pipeline import BatchIterator
+from diffusion_jax.data.pipeline import ArraySource, BatchIterator
 from diffusion_jax.data.sources import ChecksumError, SourceUnavailableError
 from diffusion_jax.data.storage import (
     DATASETS,
@@ -32,9 +32,9 @@ from diffusion_jax.data.storage import (
 )
 
 __all__ = [
-    "DATASETS", "BatchIterator", "ChecksumError", "CorruptCacheError", "DatasetError", "DatasetInfo",
+    "DATASETS", "ArraySource", "BatchIterator", "ChecksumError", "CorruptCacheError", "DatasetError", "DatasetInfo",
     "MissingDatasetError", "SourceUnavailableError", "UnknownDatasetError", "info", "load_arrays",
-    "make_iterator", "prepare", "prepared_dir", "resolve_data_dir", "write_arrays",
+    "data_source", "make_iterator", "prepare", "prepared_dir", "resolve_data_dir", "write_arrays",
 ]
 
 
@@ -62,3 +62,8 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
     return BatchIterator(images, labels, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          random_flip=random_flip, num_epochs=num_epochs, process_index=process_index,
                          process_count=process_count, dataset=name, split=split)
+
+
+def data_source(name: str, split: str, *, data_dir=None, auto_prepare: bool = True) -> ArraySource:
+    """A grain-compatible random-access source of uint8 records (see `ArraySource`)."""
+    return ArraySource(*load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare))

@@ -77,6 +77,11 @@ def build_from_arrays(name: str, splits, *, data_dir: str) -> "tfds.core.Dataset
 
 def build_with_tfds(name: str, *, data_dir: str, manual_dir=None) -> "tfds.core.DatasetBuilder":
     """tfds' own builder; `manual_dir` holds files tfds would otherwise download."""
+    try:
+        import importlib_resources  # noqa: F401
+    except ImportError as e:
+        raise ImportError("tfds 4.9 needs the `importlib_resources` package to build its own datasets "
+                          "(it locates their checksums with it): `pip install importlib_resources`") from e
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
         download_dir=os.path.join(data_dir, "downloads"),

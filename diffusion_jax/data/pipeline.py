@@ -157,3 +157,25 @@ class BatchIterator:
                 raise ValueError(f"state was taken with {key}={state.get(key)!r} but this iterator has "
                                  f"{key}={value!r}; build the iterator with the same {key} to resume")
         self._step = _check_int("state['step']", state.get("step"), minimum=0)
+
+
+class ArraySource:
+    """Random-access view of a decoded split: grain's RandomAccessDataSource protocol.
+
+    `len(source)` and `source[i] -> {"image": uint8 [H,W,C], "label": int32}`,
+    so `grain.MapDataset.source(source)` builds grain pipelines on the same
+    records (in tfds' stored order) without TensorFlow. BatchIterator is the
+    faster path for training; this is for code that wants grain's transforms.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self._images, self._labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index) -> dict:
+        return {"image": self._images[index], "label": self._labels[index]}
+
+    def __getitems__(self, indices) -> list:
+        return [self[i] for i in indices]
