@@ -1,0 +1,121 @@
+"""The jit-compiled training step: (state, batch, key) -> (state, metrics).
+
+One step of DDPM training (Ho et al. 2020, Algorithm 1), per example i of the
+global batch:
+
+    t_i ~ U{0, ..., T-1},  eps_i ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    loss = mean_i training_losses(model(x_t, t, cond), x0, t, eps)["loss"]
+
+with the class label replaced by the null label `num_classes` with
+probability `cond_drop_prob` (classifier-free guidance, Ho & Salimans 2022).
+
+Randomness: the step's key is fold_in(key, step); example i's key is
+fold_in(step_key, i) with i its index in the GLOBAL batch, so the draws do not
+depend on how the batch is split over devices or hosts (the 1-device and
+8-device runs see the same t, eps and label drops).
+
+A non-finite loss or gradient norm leaves the state as it was (the update is
+discarded inside the step) and sets metrics["finite"] to 0; the loop stops on
+it, so a bad state is never saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from diffusion_jax import diffusion
+from diffusion_jax.train import parallel
+from diffusion_jax.train.state import TrainState, ema_decay_at, ema_update
+
+
+def per_example_draws(
+    step_key: jax.Array, batch_size: int, image_shape: tuple[int, ...], num_timesteps: int,
+    cond_drop_prob: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t int32 [B], noise float32 [B, H, W, C], drop bool [B]) from per-example keys."""
+
+    def draw(k):
+        k_t, k_noise, k_drop = jax.random.split(k, 3)
+        t = jax.random.randint(k_t, (), 0, num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(k_noise, image_shape, jnp.float32)
+        drop = jax.random.bernoulli(k_drop, cond_drop_prob)
+        return t, noise, drop
+
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, jnp.arange(batch_size))
+    return jax.vmap(draw)(keys)
+
+
+def make_train_step(config: Any, model: Any, schedule: Any, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule) -> Callable:
+    """The pure (unjitted) step function for `config`."""
+    mc, dc, tc = config.model, config.diffusion, config.training
+    num_classes = int(mc.num_classes)
+    cond_drop_prob = float(tc.cond_drop_prob) if num_classes > 0 else 0.0
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array):
+        x0 = batch["image"]
+        b = x0.shape[0]
+        step_key = jax.random.fold_in(key, state.step)
+        draw_key, dropout_key = jax.random.split(step_key)
+        t, noise, drop = per_example_draws(
+            draw_key, b, x0.shape[1:], schedule.num_timesteps, cond_drop_prob)
+        if num_classes > 0:
+            cond = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
+        else:
+            cond = None
+        x_t = diffusion.q_sample(schedule, x0, t, noise)
+
+        def loss_fn(params):
+            out = model.apply({"params": params}, x_t, t, cond, train=True,
+                              rngs={"dropout": dropout_key})
+            losses = diffusion.training_losses(
+                schedule, out, x0, t, noise,
+                prediction=dc.prediction, weighting=dc.loss_weighting,
+                min_snr_gamma=dc.min_snr_gamma, learn_variance=bool(mc.learn_sigma),
+                vlb_weight=dc.vlb_weight,
+            )
+            return jnp.mean(losses["loss"]), losses
+
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(state.step, tc.ema_decay, tc.ema_warmup)
+        candidate = TrainState(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema_update(state.ema_params, params, decay),
+            opt_state=opt_state,
+        )
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
+        metrics = {
+            "loss": loss,
+            "mse": jnp.mean(losses["mse"]),
+            "grad_norm": grad_norm,
+            "learning_rate": lr_schedule(state.step),
+            "finite": finite.astype(jnp.int32),
+        }
+        if "vlb" in losses:
+            metrics["vlb"] = jnp.mean(losses["vlb"])
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+    """jax.jit with the batch split over "data", the state and key replicated,
+    and the incoming state donated (its buffers are reused for the new one)."""
+    repl = parallel.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(repl, parallel.batch_sharding(mesh), repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,87 @@
+"""Shared defaults of every experiment; each experiments/<name>.py overrides a few.
+
+Every field an experiment may change is here, with its unit or range. The
+`model` section is the model workstream's `models.default_config(name)`, so
+its fields are documented there (diffusion_jax/models/__init__.py).
+"""
+
+import ml_collections
+
+from diffusion_jax import models
+
+
+def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment = "default"  # name; the default workdir is runs/<experiment>
+    config.seed = 0  # integer >= 0; seeds the init, the train-step keys, the data order and the grids
+
+    # --- data ---------------------------------------------------------------
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "mnist"  # a name in diffusion_jax.data.DATASETS, or "synthetic" (test-only patterns)
+    config.data.data_dir = ""  # prepared-data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.random_flip = False  # bool; horizontal flips (not for digits)
+
+    # --- model (fields documented in diffusion_jax.models.default_config) ---
+    config.model = models.default_config(model_name)
+
+    # --- diffusion process and loss -----------------------------------------
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.schedule = "linear"  # a name in diffusion_jax.schedules.NAMES
+    config.diffusion.num_timesteps = 1000  # T, integer >= 1 (DDPM: 1000)
+    # extra keyword arguments of the schedule constructor (linear: beta_start, beta_end in (0, 1))
+    config.diffusion.schedule_kwargs = ml_collections.ConfigDict({"beta_start": 1e-4, "beta_end": 0.02})
+    config.diffusion.prediction = "eps"  # network target, one of diffusion.PREDICTIONS: eps | x0 | v | score
+    config.diffusion.variance = "small"  # reverse variance: small | large | learned_range (needs model.learn_sigma)
+    config.diffusion.loss_weighting = "none"  # one of diffusion.LOSS_WEIGHTINGS ("none" = L_simple)
+    config.diffusion.min_snr_gamma = 5.0  # gamma > 0 of the min-SNR weighting
+    config.diffusion.vlb_weight = 1e-3  # >= 0, weight of the VLB term with learn_sigma (Nichol & Dhariwal)
+
+    # --- optimisation --------------------------------------------------------
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 128  # GLOBAL batch (all devices, all hosts); divisible by the device count
+    config.training.num_steps = 10_000  # total optimiser updates, >= 1
+    config.training.optimizer = "adam"  # adam | adamw
+    config.training.learning_rate = 2e-4  # peak learning rate, > 0
+    config.training.lr_schedule = "constant"  # after warm-up: constant | cosine | linear (to 0 at num_steps)
+    config.training.warmup_steps = 1000  # linear warm-up from 0, >= 0 steps
+    config.training.b1 = 0.9  # Adam beta1 in [0, 1)
+    config.training.b2 = 0.999  # Adam beta2 in [0, 1)
+    config.training.eps = 1e-8  # Adam epsilon > 0
+    config.training.weight_decay = 0.0  # AdamW decoupled weight decay >= 0 (ignored by adam)
+    config.training.grad_clip_norm = 1.0  # global-norm clipping threshold; 0 = off
+    config.training.ema_decay = 0.9999  # EMA decay in [0, 1)
+    config.training.ema_warmup = False  # bool; decay min(ema_decay, (1+step)/(10+step)) early on
+    config.training.cond_drop_prob = 0.1  # probability in [0, 1] of the null label (classifier-free guidance)
+
+    # --- bookkeeping ----------------------------------------------------------
+    config.training.log_every_steps = 100  # scalars to TensorBoard + metrics.jsonl every N steps, >= 1
+    config.training.checkpoint_every_steps = 1000  # Orbax save every N steps (and at the end), >= 1
+    config.training.keep_checkpoints = 3  # keep the last K checkpoints, >= 1
+    config.training.async_checkpointing = True  # bool; save in a background thread
+    config.training.sample_every_steps = 1000  # EMA sample grid PNG every M steps (and at the end); 0 = only at the end
+    config.training.progress_bar = True  # bool; tqdm bar with step rate and ETA (process 0)
+
+    # --- sampling (training grids and --mode sample) --------------------------
+    config.sample = ml_collections.ConfigDict()
+    config.sample.method = "ddim"  # a name in diffusion_jax.samplers.METHODS
+    config.sample.num_steps = 50  # sampler steps in [1, num_timesteps]
+    config.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic)
+    config.sample.guidance_scale = 2.0  # classifier-free guidance w >= 0 ((1+w) cond - w uncond); 0 = none
+    config.sample.clip_x0 = 1.0  # clip predicted x0 to [-c, c]; 0 = no clipping
+    config.sample.grid_per_class = 8  # training grids: images per class row (conditional) / grid side**2 / 8 (unconditional)
+    config.sample.num_images = 64  # --mode sample: images to draw, >= 1
+    config.sample.labels = ""  # --mode sample: comma-separated class labels ("3,3,7"), "" = cycle 0..K-1
+    config.sample.batch_size = 256  # --mode sample: images per sampler call, >= 1
+
+    # --- evaluation (--mode eval; read by diffusion_jax.evaluation) ----------
+    config.eval = ml_collections.ConfigDict()
+    config.eval.num_samples = 10_000  # generated images for the metrics, >= 1
+    config.eval.batch_size = 500  # images per sampler call, >= 1
+
+    # --- multi-host -----------------------------------------------------------
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.distributed = False  # bool; True = jax.distributed.initialize() (also if $JAX_COORDINATOR_ADDRESS is set)
+    config.parallel.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or auto-detect
+    config.parallel.num_processes = -1  # processes in the job; -1 = $JAX_NUM_PROCESSES or auto-detect
+    config.parallel.process_id = -1  # this process's index; -1 = $JAX_PROCESS_ID or auto-detect
+    return config
