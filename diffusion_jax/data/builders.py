@@ -18,12 +18,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # noqa: E402  (before tfds, so its devices are set here)
 
 try:
     tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TF already initialised its devices elsewhere in this process
-    pass
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "TensorFlow was initialised before diffusion_jax.data could hide the GPUs from it; it may hold "
+        "accelerator memory. Prepare datasets in a separate process (python -m diffusion_jax.data prepare).")
 
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402

@@ -102,7 +102,7 @@ def check_name(name: str, data_dir=None) -> None:
         raise UnknownDatasetError(f"dataset name must be a non-empty string, got {name!r}; known: {DATASETS}")
     if name in KNOWN or prepared_dir(name, data_dir) is not None:
         return
-    import tensorflow_datasets as tfds  # only for names outside KNOWN
+    from diffusion_jax.data.builders import tfds  # imports TF with the GPUs hidden
 
     if name.split("/")[0] not in tfds.list_builders(with_community_datasets=False):
         raise UnknownDatasetError(
@@ -199,16 +199,21 @@ def _read_marker(vdir: pathlib.Path) -> dict:
             raise ValueError(f"format {meta.get('format')!r}, expected {CACHE_FORMAT}")
         return meta
     except (OSError, ValueError) as e:
-        raise CorruptCacheError(
-            f"decoded cache marker {marker} is unreadable ({e}). Fix: delete {vdir} and run "
-            f"`python -m diffusion_jax.data prepare {vdir.parent.name}`.") from e
+        raise CorruptCacheError(f"decoded cache marker {marker} is unreadable ({e}). "
+                                + _cache_fix(vdir, vdir.parent.name)) from e
+
+
+def _cache_fix(vdir: pathlib.Path, name: str) -> str:
+    return (f"Fix: delete {vdir / CACHE_DIR} and run `python -m diffusion_jax.data prepare {name}` "
+            "(it rebuilds the cache from tfds' files in the same folder; delete the whole folder "
+            "if those are damaged too).")
 
 
 def read_cache(vdir: pathlib.Path, split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Loads one split of a decoded cache, checking shapes and sha256."""
     meta = _read_marker(vdir)
     name = meta.get("name", vdir.parent.name)
-    fix = f"Fix: delete {vdir} and run `python -m diffusion_jax.data prepare {name}`."
+    fix = _cache_fix(vdir, name)
     if split not in meta["splits"]:
         raise ValueError(f"split {split!r} not in dataset {name!r}; available splits: {sorted(meta['splits'])}")
     entry = meta["splits"][split]
@@ -296,7 +301,7 @@ def tfds_record_order(split: str, num_examples: int) -> np.ndarray:
 
 def _matches_tfds_records(vdir: pathlib.Path, splits: Mapping, *, num_checked: int = 256) -> bool:
     """Whether `splits` equal, record by record, a sample read back through tfds' data source."""
-    import tensorflow_datasets as tfds
+    from diffusion_jax.data.builders import tfds  # imports TF with the GPUs hidden
 
     builder = tfds.builder_from_directory(str(vdir))
     rng = np.random.default_rng(0)
@@ -314,7 +319,7 @@ def _matches_tfds_records(vdir: pathlib.Path, splits: Mapping, *, num_checked: i
 
 def _decode_tfds(name: str, vdir: pathlib.Path):
     """Decodes every split of a tfds-prepared folder to arrays (through tfds' data source)."""
-    import tensorflow_datasets as tfds
+    from diffusion_jax.data.builders import tfds  # imports TF with the GPUs hidden
     from tqdm.auto import tqdm
 
     builder = tfds.builder_from_directory(str(vdir))
