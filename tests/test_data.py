@@ -7,7 +7,6 @@ integer pixels, the tfds record order is recomputed here from its definition
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import pickle
