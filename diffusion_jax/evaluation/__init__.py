@@ -1,0 +1,405 @@
+"""Evaluation of a trained diffusion model: likelihood, sample quality, pictures.
+
+    evaluate(config, workdir)        # what `launch.py --mode eval` calls
+
+writes under workdir/eval/:
+
+    bpd.json                 test-set bits/dim (variational bound), standard error
+    quality.md, quality.json classifier-FD, KID, IS analogue, conditional accuracy per
+                             (sampler, steps, guidance), with the train-vs-test floor
+    quality.png              those metrics against sampler steps
+    loss.png                 training loss from workdir/metrics.jsonl
+    samples_per_class.png    one row per class (or a square grid if unconditional)
+    denoising_strip.png      x_t at several t of the reverse process, a few samples
+    summary.json, summary.md everything above in one place, with timings
+
+Modules: `metrics` (Frechet distance, KID, IS analogue, conditional accuracy),
+`classifier` (the feature network, trained by
+`python -m diffusion_jax.evaluation.classifier --dataset mnist`), `likelihood`,
+`quality` (the sweep), `pictures`.
+
+Knobs are read from `config.eval` with the defaults in `EVAL_DEFAULTS` (see
+`eval_settings`); absent fields take their default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.evaluation import classifier, likelihood, metrics, pictures, quality
+
+__all__ = ["evaluate", "eval_settings", "EVAL_DEFAULTS", "Generator", "classifier", "likelihood", "metrics",
+           "pictures", "quality"]
+
+# config.eval field -> default. None means "taken from another part of the config" (see eval_settings).
+EVAL_DEFAULTS = {
+    "parts": ("bpd", "quality", "pictures"),  # which parts to run
+    "seed": None,  # int; None = config.seed
+    "num_samples": 1000,  # generated images per sweep setting (and train images for the floor)
+    "batch_size": 500,  # images per sampler call
+    "samplers": ("ddpm", "ddim", "dpm_solver_pp"),  # names in samplers.METHODS
+    "steps": (10, 20, 50),  # sampler steps, each in [1, T]; T = the full chain
+    "guidance_scale": None,  # w of the steps sweep; None = config.sample.guidance_scale
+    "guidance_scales": (0.0, 0.5, 1.0, 2.0, 4.0),  # w values swept (conditional models only) ...
+    "guidance_sampler": None,  # ... with this sampler (None = config.sample.method) ...
+    "guidance_steps": None,  # ... and this many steps (None = config.sample.num_steps)
+    "kid_subsets": 20,  # KID: number of random subsets
+    "kid_subset_size": 1000,  # KID: images per subset (capped at the sample count)
+    "bpd_num_images": 1000,  # test images for bits/dim; 0 = skip
+    "bpd_num_timesteps": 20,  # K sampled timesteps per image (unbiased); 0 = all T terms
+    "bpd_batch_size": 250,  # images per bits/dim call
+    "classifier_dir": "",  # "" = runs/classifier_<dataset> (synthetic: <workdir>/eval/classifier)
+    "train_classifier": True,  # train the classifier when classifier_dir has none
+    "classifier_epochs": 4,  # epochs when evaluate trains it
+    "grid_per_class": 8,  # images per class row in samples_per_class.png
+    "strip_num_images": 6,  # rows of denoising_strip.png
+    "strip_sampler": "ddpm",  # sampler of the strip
+    "strip_steps": 0,  # its steps; 0 = all T
+    "strip_columns": 10,  # x_t snapshots per row
+}
+
+PARTS = ("bpd", "quality", "pictures")
+
+
+def _log(msg: str) -> None:
+    print(f"[eval] {msg}", flush=True)
+
+
+def eval_settings(config: Any) -> dict:
+    """config.eval merged over EVAL_DEFAULTS, with the None defaults resolved and checked."""
+    given = config.get("eval", None) or {}
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    s = {k: given.get(k, v) for k, v in EVAL_DEFAULTS.items()}
+    sample = config.get("sample", None) or {}
+    if s["seed"] is None:
+        s["seed"] = int(config.get("seed", 0))
+    if s["guidance_scale"] is None:
+        s["guidance_scale"] = float(sample.get("guidance_scale", 0.0))
+    if s["guidance_sampler"] is None:
+        s["guidance_sampler"] = str(sample.get("method", "ddim"))
+    if s["guidance_steps"] is None:
+        s["guidance_steps"] = int(sample.get("num_steps", 50))
+    for field in ("parts", "samplers", "steps", "guidance_scales"):
+        value = s[field]
+        s[field] = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+    s["steps"] = tuple(int(n) for n in s["steps"])
+    s["guidance_scales"] = tuple(float(w) for w in s["guidance_scales"])
+
+    from diffusion_jax import samplers
+
+    unknown = [p for p in s["parts"] if p not in PARTS]
+    if unknown:
+        raise ValueError(f"eval.parts: unknown {unknown}; allowed: {PARTS}")
+    for field in ("samplers",):
+        bad = [m for m in s[field] if m not in samplers.METHODS]
+        if bad:
+            raise ValueError(f"eval.{field}: unknown {bad}; allowed: {samplers.METHODS}")
+    for field in ("guidance_sampler", "strip_sampler"):
+        if s[field] not in samplers.METHODS:
+            raise ValueError(f"eval.{field}={s[field]!r}; allowed: {samplers.METHODS}")
+    for field in ("num_samples", "batch_size", "bpd_batch_size", "kid_subsets", "kid_subset_size",
+                  "grid_per_class", "strip_num_images", "strip_columns", "classifier_epochs"):
+        if int(s[field]) < 1:
+            raise ValueError(f"eval.{field} must be an integer >= 1, got {s[field]}")
+    for field in ("bpd_num_images", "bpd_num_timesteps", "strip_steps"):
+        if int(s[field]) < 0:
+            raise ValueError(f"eval.{field} must be an integer >= 0 (0 = {'skip' if field == 'bpd_num_images' else 'all T'}), got {s[field]}")
+    if s["num_samples"] < 2:
+        raise ValueError(f"eval.num_samples must be >= 2 for covariance-based metrics, got {s['num_samples']}")
+    if any(w < 0 for w in s["guidance_scales"] + (s["guidance_scale"],)):
+        raise ValueError("eval.guidance_scale / eval.guidance_scales must be >= 0")
+    return s
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _dataset_name(config: Any) -> str:
+    return str(config.data.dataset)
+
+
+def load_split(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N,H,W,C], int32 labels [N]) of the experiment's dataset.
+
+    The test-only "synthetic" dataset of diffusion_jax.train.synthetic is drawn here
+    (2,000 train / 1,000 test images, quantised to uint8) so that the whole evaluation
+    runs in tests without prepared data.
+    """
+    name = _dataset_name(config)
+    if name == "synthetic":
+        from diffusion_jax.train.synthetic import SyntheticIterator
+
+        mc = config.model
+        size = {"train": 2000, "test": 1000}[split]
+        it = SyntheticIterator(batch_size=size, image_shape=(mc.image_size, mc.image_size, mc.in_channels),
+                               num_classes=mc.num_classes, seed=config.seed + (1 if split == "test" else 2))
+        batch = next(it)
+        return classifier.quantize(batch["image"]), batch["label"].astype(np.int32)
+    from diffusion_jax import data
+
+    images, labels = data.load_arrays(name, split, data_dir=config.data.get("data_dir", "") or None)
+    return np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+
+
+def _classifier(config: Any, workdir: str, settings: dict, train_split, test_split):
+    """(module, params, meta) of the evaluation classifier; trained first if missing."""
+    name = _dataset_name(config)
+    directory = settings["classifier_dir"] or (
+        os.path.join(workdir, "eval", "classifier") if name == "synthetic" else os.path.join("runs", f"classifier_{name}"))
+    if not os.path.exists(os.path.join(directory, classifier.META_FILE)):
+        if not settings["train_classifier"]:
+            raise FileNotFoundError(
+                f"no classifier in {directory!r} and eval.train_classifier=False; run "
+                f"`python -m diffusion_jax.evaluation.classifier --dataset {name} --workdir {directory}`")
+        _log(f"no classifier in {directory}; training one ({settings['classifier_epochs']} epochs)")
+        classifier.train_and_save(name, directory, arrays={"train": train_split, "test": test_split},
+                                  epochs=int(settings["classifier_epochs"]), seed=settings["seed"], log=_log)
+    model, params, meta = classifier.load(directory)
+    if tuple(meta["image_shape"]) != tuple(test_split[0].shape[1:]) or meta["dataset"] != name:
+        raise ValueError(f"classifier in {directory!r} is for {meta['dataset']} {meta['image_shape']}, "
+                         f"not {name} {list(test_split[0].shape[1:])}; set eval.classifier_dir")
+    return model, params, meta
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _model_bits(config: Any):
+    from diffusion_jax.train import sampling
+
+    schedule = sampling.make_schedule(config)
+    mc = config.model
+    shape = (int(mc.image_size), int(mc.image_size), int(mc.in_channels))
+    return schedule, shape, int(mc.num_classes), sampling.make_denoise_fn
+
+
+def _clip_x0(config: Any):
+    value = float(config.get("sample", {}).get("clip_x0", 0.0)) if config.get("sample", None) else 0.0
+    return value if value > 0 else None
+
+
+class Generator:
+    """Draws images (and reverse trajectories) from the model with any sampler setting.
+
+    One jit-compiled sampler per (method, steps, guidance, batch), run in batches of
+    `batch_size` (the last padded); params are jit arguments, not baked-in constants.
+    """
+
+    def __init__(self, config: Any, params: Any, *, batch_size: int):
+        self.config, self.params, self.batch_size = config, params, int(batch_size)
+        self.schedule, self.shape, self.num_classes, self._make_denoise_fn = _model_bits(config)
+        self._compiled: dict = {}
+
+    def _fn(self, method: str, steps: int, guidance: float, conditional: bool, trajectory: bool, batch: int):
+        key = (method, steps, guidance, conditional, trajectory, batch)
+        if key not in self._compiled:
+            from diffusion_jax import samplers
+
+            config, schedule, d = self.config, self.schedule, self.config.diffusion
+            num_steps = None if steps == schedule.num_timesteps else int(steps)
+
+            def run(params, labels, rng):
+                denoise_fn = self._make_denoise_fn(config, params, labels if conditional else None,
+                                                   float(guidance) if conditional else 0.0)
+                out = samplers.sample(denoise_fn, schedule, (batch, *self.shape), rng, method=method,
+                                      num_steps=num_steps, prediction=d.prediction, variance=d.variance,
+                                      clip_x0=_clip_x0(config), return_trajectory=trajectory)
+                return jax.tree.map(lambda x: jnp.clip(x, -1.0, 1.0), out)
+
+            self._compiled[key] = jax.jit(run)
+        return self._compiled[key]
+
+    def images(self, method: str, steps: int, guidance: float, *, labels=None, num: int | None = None,
+               seed: int = 0) -> np.ndarray:
+        """float32 [N,H,W,C] in [-1, 1]; N = len(labels) (conditional) or num (unconditional)."""
+        n = len(labels) if labels is not None else int(num)
+        batch = min(self.batch_size, n)
+        fn = self._fn(method, int(steps), float(guidance), labels is not None, False, batch)
+        key = jax.random.PRNGKey(seed)
+        out = []
+        for i, lo in enumerate(range(0, n, batch)):
+            valid = min(batch, n - lo)
+            lab = None if labels is None else jnp.asarray(np.resize(labels[lo:lo + valid], batch), jnp.int32)
+            out.append(np.asarray(fn(self.params, lab, jax.random.fold_in(key, i)))[:valid])
+        return np.concatenate(out)
+
+    def trajectory(self, method: str, steps: int, guidance: float, *, labels=None, num: int,
+                   seed: int = 0) -> np.ndarray:
+        """[steps + 1, num, H, W, C]: start noise, the state before each later step, the sample."""
+        fn = self._fn(method, int(steps), float(guidance), labels is not None, True, int(num))
+        lab = None if labels is None else jnp.asarray(labels, jnp.int32)
+        _, traj = fn(self.params, lab, jax.random.PRNGKey(seed))
+        return np.asarray(traj)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _bpd(config, params, settings, test_images, out_dir) -> dict:
+    from diffusion_jax.models import guidance as guidance_lib
+
+    schedule, _, num_classes, make_denoise_fn = _model_bits(config)
+    n = min(int(settings["bpd_num_images"]), len(test_images))
+    batch = min(int(settings["bpd_batch_size"]), n)
+    uncond = guidance_lib.null_cond(config.model, batch) if num_classes > 0 else None
+
+    def denoise(p, x_t, t):
+        # The unconditional likelihood p(x): the null label of CFG training (Ho & Salimans 2022).
+        return make_denoise_fn(config, p, uncond, 0.0)(x_t, t)
+
+    k = int(settings["bpd_num_timesteps"]) or None
+    result = likelihood.dataset_bits_per_dim(
+        denoise, schedule, test_images[:n], jax.random.PRNGKey(settings["seed"] + 17), params=params,
+        batch_size=batch, num_timesteps=k, prediction=config.diffusion.prediction,
+        variance=config.diffusion.variance, log=_log)
+    result.update(estimator="all T terms" if k is None else f"{k} uniformly sampled timesteps per image",
+                  condition="null label (unconditional)" if num_classes > 0 else "unconditional",
+                  variance=config.diffusion.variance)
+    with open(os.path.join(out_dir, "bpd.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _log(f"bits/dim {result['total_bpd']:.4f} +- {result['total_bpd_stderr']:.4f} "
+         f"(N={n}, {result['estimator']}, {result['seconds']:.0f}s)")
+    return result
+
+
+def _valid_settings(config, settings, conditional: bool, num_timesteps: int) -> list[dict]:
+    steps = [n for n in settings["steps"] if 1 <= n <= num_timesteps]
+    if len(steps) < len(settings["steps"]):
+        _log(f"eval.steps: dropped {sorted(set(settings['steps']) - set(steps))} (> T={num_timesteps})")
+    guidance_steps = min(int(settings["guidance_steps"]), num_timesteps)
+    rows = quality.settings_from(
+        settings["samplers"], steps, settings["guidance_scale"] if conditional else 0.0,
+        settings["guidance_scales"] if conditional else (),
+        settings["guidance_sampler"] if conditional else None, guidance_steps)
+    if config.diffusion.variance != "small":
+        # Respaced ancestral sampling supports the "small" variance only (samplers.sample).
+        rows = [r for r in rows if not (r["sampler"] == "ddpm" and r["steps"] != num_timesteps)]
+    return rows
+
+
+def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
+    """Run the evaluation parts of `config.eval` on the latest EMA parameters in `workdir`
+    (or on `params`), write everything under workdir/eval/ and return the summary dict."""
+    start = time.time()
+    settings = eval_settings(config)
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    summary: dict = {"workdir": workdir, "settings": {k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in settings.items()}, "timings_s": {}}
+    if params is None:
+        from diffusion_jax.train.checkpoints import latest_step, restore_ema_params
+
+        summary["checkpoint_step"] = latest_step(workdir)
+        params = restore_ema_params(config, workdir)
+    schedule, shape, num_classes, _ = _model_bits(config)
+    conditional = num_classes > 0
+    parts = settings["parts"]
+    test_split = load_split(config, "test")
+
+    if "bpd" in parts and settings["bpd_num_images"] > 0:
+        t0 = time.time()
+        summary["bpd"] = _bpd(config, params, settings, test_split[0], out_dir)
+        summary["timings_s"]["bpd"] = round(time.time() - t0, 1)
+
+    generator = Generator(config, params, batch_size=settings["batch_size"])
+    if "quality" in parts:
+        t0 = time.time()
+        train_split = load_split(config, "train")
+        model, cparams, meta = _classifier(config, workdir, settings, train_split, test_split)
+        summary["classifier"] = {k: meta[k] for k in ("dataset", "test_accuracy", "arch")}
+        apply_fn = classifier.make_apply_fn(model, cparams)
+        reference = quality.make_reference(
+            apply_fn, test_split[0], train_split[0], num_samples=settings["num_samples"],
+            num_classes=meta["num_classes"], seed=settings["seed"],
+            kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"])
+        _log("floor (train vs test): " + quality.format_row(reference.floor))
+        rows = quality.sweep(
+            lambda m, n, w, labels, seed: generator.images(m, n, w, labels=labels, num=settings["num_samples"],
+                                                           seed=seed),
+            apply_fn, reference, _valid_settings(config, settings, conditional, schedule.num_timesteps),
+            num_samples=settings["num_samples"], conditional=conditional, seed=settings["seed"], log=_log)
+        quality.write_table(rows, reference.floor, out_dir, extra={"num_samples": settings["num_samples"]})
+        quality.plot(rows, reference.floor, os.path.join(out_dir, "quality.png"))
+        summary.update(floor=reference.floor, quality=rows)
+        summary["timings_s"]["quality"] = round(time.time() - t0, 1)
+
+    if "pictures" in parts:
+        t0 = time.time()
+        summary["pictures"] = _pictures(config, workdir, settings, generator, schedule, num_classes, out_dir)
+        summary["timings_s"]["pictures"] = round(time.time() - t0, 1)
+
+    summary["timings_s"]["total"] = round(time.time() - start, 1)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary))
+    _log(f"done in {summary['timings_s']['total']:.0f}s; results in {out_dir}")
+    return summary
+
+
+def _pictures(config, workdir, settings, generator, schedule, num_classes, out_dir) -> dict:
+    from diffusion_jax import samplers
+
+    paths = {}
+    loss = pictures.save_loss_curve(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    if loss:
+        paths["loss_curve"] = loss
+    sample = config.get("sample", None) or {}
+    method = str(sample.get("method", "ddim"))
+    steps = min(int(sample.get("num_steps", 50)), schedule.num_timesteps)
+    w = float(settings["guidance_scale"]) if num_classes > 0 else 0.0
+    per_class = int(settings["grid_per_class"])
+    if num_classes > 0:
+        labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    else:
+        labels = None
+    images = generator.images(method, steps, w, labels=labels, num=per_class * per_class, seed=settings["seed"] + 1)
+    paths["class_grid"] = pictures.save_class_grid(
+        images, labels, os.path.join(out_dir, "samples_per_class.png"), num_classes=num_classes, per_class=per_class)
+    paths["class_grid_setting"] = f"{method}, {steps} steps, w={w:g}"
+
+    strip_steps = int(settings["strip_steps"]) or schedule.num_timesteps
+    strip_steps = min(strip_steps, schedule.num_timesteps)
+    n = int(settings["strip_num_images"])
+    strip_labels = (np.arange(n) % num_classes).astype(np.int32) if num_classes > 0 else None
+    traj = generator.trajectory(settings["strip_sampler"], strip_steps, w, labels=strip_labels, num=n,
+                                seed=settings["seed"] + 2)
+    spacing = samplers.DEFAULT_SPACING[settings["strip_sampler"]]
+    ts = samplers.make_timesteps(schedule, strip_steps, spacing)
+    paths["denoising_strip"] = pictures.save_denoising_strip(
+        traj, ts, os.path.join(out_dir, "denoising_strip.png"), num_columns=int(settings["strip_columns"]))
+    paths["strip_setting"] = f"{settings['strip_sampler']}, {strip_steps} steps, w={w:g}"
+    return paths
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [f"# Evaluation of {summary['workdir']}", ""]
+    if "checkpoint_step" in summary:
+        lines += [f"Checkpoint step: {summary['checkpoint_step']}", ""]
+    if "bpd" in summary:
+        b = summary["bpd"]
+        lines += ["## Likelihood", "",
+                  f"Test NLL bound: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim** "
+                  f"(prior {b['prior_bpd']:.4f}, KL terms {b['vb_bpd']:.4f}, decoder {b['decoder_bpd']:.4f}); "
+                  f"{b['num_images']} test images, {b['estimator']}, {b['condition']}, "
+                  f"variance {b['variance']}; {b['seconds']:.0f}s.", ""]
+    if "quality" in summary:
+        c = summary["classifier"]
+        lines += ["## Sample quality", "",
+                  f"Features: penultimate layer of the evaluation classifier "
+                  f"({c['dataset']} test accuracy {100 * c['test_accuracy']:.2f}%). "
+                  f"{summary['settings']['num_samples']} samples per row; KID shown x1e3.", "",
+                  quality.markdown_table(summary["quality"], summary["floor"])]
+    if "pictures" in summary:
+        lines += ["## Pictures", ""]
+        lines += [f"- {k}: {v}" for k, v in summary["pictures"].items()]
+        lines.append("")
+    lines += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), ""]
+    return "\n".join(lines)
