@@ -99,7 +99,11 @@ def train(config: Any, workdir: str, *,
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)
-    ckpt.check_model_config(config)  # a clear error before any restore
+    try:
+        ckpt.check_model_config(config)  # a clear error before any restore
+    except ValueError:
+        ckpt.close()
+        raise
 
     key = jax.random.PRNGKey(config.seed)
     init_key, step_key, sample_key = (parallel.replicate(mesh, k) for k in jax.random.split(key, 3))

@@ -1,0 +1,105 @@
+"""Training throughput of an experiment config on this machine.
+
+    python bench/bench_train.py --config experiments/mnist.py [--steps 20] [--config.training.batch_size=64]
+
+Prints (medians over --steps timed steps, after one warm-up step):
+images/s, step time, compile time, peak memory, FLOPs per step from XLA's cost
+analysis, this machine's measured float32 matmul peak and the model-FLOP
+utilisation MFU = (FLOPs per step / step time) / matmul peak.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from diffusion_jax import models  # noqa: E402
+from diffusion_jax.train import config as config_lib, parallel, sampling  # noqa: E402
+from diffusion_jax.train.state import create_train_state, make_optimizer, num_params  # noqa: E402
+from diffusion_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "experiments/mnist.py", "experiment config")
+flags.DEFINE_integer("steps", 20, "timed train steps")
+flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that measures the peak")
+FLAGS = flags.FLAGS
+
+
+def matmul_peak_flops(n: int, repeats: int = 10) -> float:
+    """Median FLOP/s of a float32 [n, n] @ [n, n] matmul (2 n^3 FLOPs)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times))
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    mesh = parallel.make_mesh()
+    repl = parallel.replicated(mesh)
+    model = models.create(config.model)
+    schedule = sampling.make_schedule(config)
+    tx, lr = make_optimizer(config.training)
+    state = jax.jit(lambda k: create_train_state(model, config.model, tx, k),
+                    out_shardings=repl)(jax.random.PRNGKey(0))
+    b, mc = config.training.batch_size, config.model
+    rng = np.random.default_rng(0)
+    batch = parallel.global_batch(mesh, {
+        "image": rng.uniform(-1, 1, (b, mc.image_size, mc.image_size, mc.in_channels)).astype(np.float32),
+        "label": rng.integers(0, max(mc.num_classes, 1), b).astype(np.int32)})
+    key = parallel.replicate(mesh, jax.random.PRNGKey(1))
+
+    step = jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh)
+    t = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan")))
+
+    state, m = compiled(state, batch, key)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(FLAGS.steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch, key)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    peak = matmul_peak_flops(FLAGS.matmul_size)
+    mem = jax.devices()[0].memory_stats() or {}
+    peak_bytes = mem.get("peak_bytes_in_use")
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print(f"config: {config.experiment}  model: {mc.name} {num_params(state.params) / 1e6:.2f}M params  "
+          f"batch {b}  devices {jax.device_count()} ({jax.devices()[0].platform})")
+    print(f"compile_s        {compile_s:.1f}")
+    print(f"step_s (median)  {step_s:.4f}   (min {min(times):.4f}, max {max(times):.4f}, n={len(times)})")
+    print(f"images_per_s     {b / step_s:.1f}")
+    print(f"flops_per_step   {flops:.3e}  (XLA cost analysis)")
+    print(f"matmul_peak      {peak / 1e9:.1f} GFLOP/s  (float32 {FLAGS.matmul_size}^2 matmul)")
+    print(f"mfu              {flops / step_s / peak:.3f}")
+    if peak_bytes is not None:
+        print(f"peak_device_mem  {peak_bytes / 2**20:.1f} MiB")
+    print(f"peak_host_rss    {rss_mib:.0f} MiB")
+    print(f"est_time_for_num_steps ({config.training.num_steps}) {config.training.num_steps * step_s / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    app.run(main)
