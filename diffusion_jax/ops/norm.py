@@ -1,12 +1,42 @@
-"""Group normalisation over NHWC activations (Wu & He 2018)."""
+"""Group normalisation over NHWC activations (Wu & He 2018).
+
+    y[n, h, w, c] = (x - mu[n, g]) * rsqrt(var[n, g] + epsilon) * scale[c] + bias[c],
+
+with mu and var taken over H, W and the C / G channels of group g = c // (C / G).
+
+* `group_norm_reference`: the textbook formula on a [N, H, W, G, C/G] view,
+  differentiated by autodiff.
+* `group_norm_fast`: the same function with a `jax.custom_vjp`. Both passes
+  reduce over H*W into per-(n, c) sums first (contiguous channels, vectorised),
+  fold the tiny [N, C] sums into groups, and finish with one fused
+  y = x * a[n, c] + b[n, c]. The backward pass uses the closed form of the
+  normalisation's gradient (e.g. Ioffe & Szegedy 2015, sec. 3, applied per
+  group): with g = dy * scale, x_hat = (x - mu) * r, r = rsqrt(var + eps) and
+  M = H * W * C / G elements per group,
+
+      dx = r * (g - mean_group(g) - x_hat * mean_group(g * x_hat)),
+      dscale[c] = sum_{n, h, w} dy * x_hat,   dbias[c] = sum_{n, h, w} dy,
+
+  which needs two per-(n, c) sums, sum_hw dy and sum_hw dy * (x - mu), from
+  one read of x and dy.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
-def group_norm(
+def _check_groups(c: int, num_groups: int) -> None:
+    if num_groups < 1 or c % num_groups:
+        raise ValueError(
+            f"group_norm: channels ({c}) must be divisible by num_groups ({num_groups})"
+        )
+
+
+def group_norm_reference(
     x: jax.Array,
     scale: jax.Array,
     bias: jax.Array,
@@ -21,12 +51,87 @@ def group_norm(
     input dtype; the result has the input's dtype.
     """
     n, h, w, c = x.shape
-    if c % num_groups:
-        raise ValueError(
-            f"group_norm: channels ({c}) must be divisible by num_groups ({num_groups})"
-        )
+    _check_groups(c, num_groups)
     xg = x.astype(jnp.float32).reshape(n, h, w, num_groups, c // num_groups)
     mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
     var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + epsilon)).reshape(n, h, w, c)
     return (y * scale + bias).astype(x.dtype)
+
+
+def _group_sum(per_channel: jax.Array, num_groups: int) -> jax.Array:
+    """[N, C] -> [N, C]: each channel gets the sum over its group."""
+    n, c = per_channel.shape
+    g = per_channel.reshape(n, num_groups, c // num_groups).sum(axis=2, keepdims=True)
+    return jnp.broadcast_to(g, (n, num_groups, c // num_groups)).reshape(n, c)
+
+
+def _statistics(x32: jax.Array, num_groups: int, epsilon: float):
+    """Per-(n, c) broadcast group mean and rsqrt(var + eps), both [N, C]."""
+    n, h, w, c = x32.shape
+    m = h * w * (c // num_groups)
+    mean = _group_sum(jnp.sum(x32, axis=(1, 2)), num_groups) / m
+    centred = x32 - mean[:, None, None, :]
+    var = _group_sum(jnp.sum(centred * centred, axis=(1, 2)), num_groups) / m
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm_fast(x, scale, bias, num_groups, epsilon):
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _statistics(x32, num_groups, epsilon)
+    a = rstd * scale.astype(jnp.float32)  # [N, C]
+    b = bias.astype(jnp.float32) - mean * a
+    return (x32 * a[:, None, None, :] + b[:, None, None, :]).astype(x.dtype)
+
+
+def _group_norm_fast_fwd(x, scale, bias, num_groups, epsilon):
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _statistics(x32, num_groups, epsilon)
+    a = rstd * scale.astype(jnp.float32)
+    b = bias.astype(jnp.float32) - mean * a
+    y = (x32 * a[:, None, None, :] + b[:, None, None, :]).astype(x.dtype)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _group_norm_fast_bwd(num_groups, epsilon, residuals, dy):
+    x, scale, bias, mean, rstd = residuals
+    n, h, w, c = x.shape
+    m = h * w * (c // num_groups)
+    x32 = x.astype(jnp.float32)
+    dy32 = dy.astype(jnp.float32)
+    scale32 = scale.astype(jnp.float32)
+    sum_dy = jnp.sum(dy32, axis=(1, 2))  # [N, C]
+    sum_dy_xc = jnp.sum(dy32 * (x32 - mean[:, None, None, :]), axis=(1, 2))  # [N, C]
+    dbias = jnp.sum(sum_dy, axis=0)
+    dscale = jnp.sum(sum_dy_xc * rstd, axis=0)
+    # mean_group(g) and mean_group(g * x_hat), broadcast to channels.
+    mean_g = _group_sum(sum_dy * scale32, num_groups) / m
+    mean_gx = _group_sum(sum_dy_xc * scale32, num_groups) * rstd / m
+    # dx = r*scale*dy - r*mean_g - r*(x - mu)*r*mean_gx  =  k_dy*dy + k_x*x + k_0
+    k_dy = rstd * scale32
+    k_x = -rstd * rstd * mean_gx
+    k_0 = -rstd * mean_g - mean * k_x
+    dx = dy32 * k_dy[:, None, None, :] + x32 * k_x[:, None, None, :] + k_0[:, None, None, :]
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_group_norm_fast.defvjp(_group_norm_fast_fwd, _group_norm_fast_bwd)
+
+
+def group_norm_fast(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    *,
+    num_groups: int,
+    epsilon: float = 1e-5,
+) -> jax.Array:
+    """Same function as `group_norm_reference` with a closed-form backward pass.
+
+    Works under jit, vmap and grad (`jax.custom_vjp`).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"group_norm: x must be NHWC (4-D), got shape {x.shape}")
+    _check_groups(x.shape[-1], num_groups)
+    return _group_norm_fast(x, scale, bias, int(num_groups), float(epsilon))
