@@ -3,7 +3,7 @@
     python bench/bench_train.py --config experiments/mnist.py [--steps 20] [--config.training.batch_size=64]
 
 Prints (medians over --steps timed steps, after one warm-up step):
-images/s, step time, compile time, peak memory, FLOPs per step from XLA's cost
+images/s, step time (wall and process CPU time), compile time, peak memory, FLOPs per step from XLA's cost
 analysis, this machine's measured float32 matmul peak and the model-FLOP
 utilisation MFU = (FLOPs per step / step time) / matmul peak.
 """
@@ -75,12 +75,13 @@ def main(argv):
 
     state, m = compiled(state, batch, key)  # warm-up
     jax.block_until_ready(m)
-    times = []
+    times, cpu_times = [], []
     for _ in range(FLAGS.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state, m = compiled(state, batch, key)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
     step_s = float(np.median(times))
     peak = matmul_peak_flops(FLAGS.matmul_size)
     mem = jax.devices()[0].memory_stats() or {}
@@ -91,6 +92,8 @@ def main(argv):
           f"batch {b}  devices {jax.device_count()} ({jax.devices()[0].platform})")
     print(f"compile_s        {compile_s:.1f}")
     print(f"step_s (median)  {step_s:.4f}   (min {min(times):.4f}, max {max(times):.4f}, n={len(times)})")
+    print(f"cpu_s_per_step   {float(np.median(cpu_times)):.4f}  (process CPU time, all threads; "
+          f"{os.cpu_count()} cores)")
     print(f"images_per_s     {b / step_s:.1f}")
     print(f"flops_per_step   {flops:.3e}  (XLA cost analysis)")
     print(f"matmul_peak      {peak / 1e9:.1f} GFLOP/s  (float32 {FLAGS.matmul_size}^2 matmul)")
