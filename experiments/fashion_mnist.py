@@ -1,0 +1,15 @@
+"""Fashion-MNIST: the mnist experiment's model and schedule on the 28x28 clothing images.
+
+Clothes have more texture than digits, so the run is longer.
+"""
+
+from experiments import mnist
+
+
+def get_config():
+    config = mnist.get_config()
+    config.experiment = "fashion_mnist"
+    config.data.dataset = "fashion_mnist"
+    config.data.random_flip = True  # bool; clothes are left-right symmetric enough
+    config.training.num_steps = 3000  # ~2x the digits' run
+    return config
