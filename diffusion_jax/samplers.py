@@ -18,6 +18,7 @@ Methods are registered in `SAMPLERS` (name -> loop function).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -193,19 +194,27 @@ def _linspace(T, n):
     return np.round(np.linspace(T - 1, 0, n)).astype(np.int64)
 
 
+# Lower end of the "logsnr" grid: sigma / alpha = 80, the largest noise level of Karras et
+# al. 2022 (EDM, sigma_max = 80 for data in [-1, 1]); below it the data prediction hardly
+# changes, so steps spent there (e.g. on the clipped tail of the cosine schedule) are wasted.
+LOGSNR_SPACING_MIN_LAMBDA = -math.log(80.0)
+
+
 def _logsnr(schedule, n):
-    """Uniform in lambda = log(alpha / sigma) between t = T-1 and t = 0 (Lu et al. 2022,
-    DPM-Solver sec. 3.3), each point moved to the discrete t of nearest lambda, then made
-    strictly decreasing. Uses numpy for a concrete schedule and jnp for a traced one."""
+    """Model calls at t_1 = T - 1, then t_2 > ... > t_N = 0 with half log-SNR
+    lambda = log(alpha / sigma) uniform on [max(lambda_{T-1}, -log 80), lambda_0] (the
+    logSNR-uniform steps of Lu et al. 2022, DPM-Solver sec. 3.3, floored at EDM's sigma_max);
+    each point moved to the discrete t of nearest lambda, then made strictly decreasing.
+    Uses numpy for a concrete schedule and jnp for a traced one."""
     try:
         ab, xp = np.asarray(schedule.alphas_cumprod, dtype=np.float64), np
     except jax.errors.TracerArrayConversionError:
         ab, xp = schedule.alphas_cumprod, jnp
     T = ab.shape[0]
     lam = 0.5 * (xp.log(ab) - xp.log1p(-ab))  # increases as t decreases
-    targets = xp.linspace(lam[-1], lam[0], n)
+    targets = xp.linspace(xp.maximum(lam[-1], LOGSNR_SPACING_MIN_LAMBDA), lam[0], n)
     ts = xp.argmin(xp.abs(lam[None, :] - targets[:, None]), axis=1)
-    ts = xp.clip(ts, 0, T - 1)
+    ts = xp.where(xp.arange(n) == 0, T - 1, ts)
     i = xp.arange(n)
     # ts[i] >= ts[i+1] + 1, enforced from the end: ts[i] = max_{j >= i}(ts[j] + j) - i ...
     ts = xp.flip(_cum(xp, "max", xp.flip(ts + i))) - i
@@ -237,7 +246,7 @@ def make_timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing"
     "leading":  0, T//N, 2 T//N, ... reversed (DDIM paper / diffusers default; skips t near T-1).
     "trailing": round(T - i T/N) - 1, starts at T - 1 (Lin et al. 2024, sec. 3.4).
     "linspace": round(linspace(T - 1, 0, N)), both ends included.
-    "logsnr":   uniform in log-SNR from t = T - 1 to t = 0 (default of every method: it
+    "logsnr":   T - 1, then uniform in log-SNR down to t = 0 (see `_logsnr`; default of every method: it
                 gave the smallest error at 10-50 steps in bench/bench_samplers.py).
     The sampler then steps from t_N to t = -1 (clean data).
     """
