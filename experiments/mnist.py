@@ -31,7 +31,7 @@ def get_config():
 
     t = config.training
     t.batch_size = 64  # global
-    t.num_steps = 1500  # ~1.1 s/step on a quiet 2-core CPU: ~28 min (see README, bench/bench_train.py)
+    t.num_steps = 1200  # 0.7-1.4 s/step on a quiet 2-core CPU: 15-29 min (bench/bench_train.py)
     t.learning_rate = 1e-3
     t.warmup_steps = 100
     t.lr_schedule = "cosine"  # decays to 0 at num_steps
