@@ -232,6 +232,11 @@ def test_traceable_inside_jit_with_traced_params_trajectory_and_vmap():
     np.testing.assert_allclose(v, samplers.ddim_step(SMALL, x, t, t - 3, x), atol=1e-6)
     v = jax.vmap(lambda a, b: samplers.ddpm_step(SMALL, a[None], b[None], a[None], a[None])[0])(x, t)
     np.testing.assert_allclose(v, samplers.ddpm_step(SMALL, x, t, x, x), atol=1e-6)
+    dpm = lambda a, b: samplers.dpm_solver_pp_step(SMALL, a, b, b - 3, a, prev_x0=0.5 * a, prev_t=b + 1)
+    t = jnp.array([5, 20, 40])  # prev_t = t + 1 must stay < T
+    v = jax.jit(jax.vmap(lambda a, b: jax.tree_util.tree_map(lambda r: r[0], dpm(a[None], b[None]))))(x, t)
+    for got, want in zip(v, dpm(x, t)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_clip_learned_variance_and_respaced_ddpm():
