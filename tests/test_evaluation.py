@@ -319,31 +319,44 @@ def test_bits_per_dim_of_gaussian_oracle_bounds_the_discrete_entropy(variance):
     assert abs(out["prior_bpd"]) < 1e-3  # abar_T ~ 4e-5: x_T is almost exactly N(0, 1)
 
 
-def test_sampled_timestep_bits_per_dim_is_unbiased():
-    images, mu, s, sch, oracle = _gaussian_case(512, seed=1)
-    expected, _ = _expected_bound_bits(mu, s, np.linspace(1e-4, 0.02, 1000, dtype=np.float64), "large")
-    out = likelihood.dataset_bits_per_dim(oracle, sch, images, jax.random.PRNGKey(1), batch_size=200,
-                                          num_timesteps=50, variance="large")
-    assert out["num_timesteps"] == 50
-    assert abs(out["total_bpd"] - expected) < 4 * out["total_bpd_stderr"]
+def test_sampled_timestep_estimators_are_unbiased():
+    images, mu, s, sch, oracle = _gaussian_case(400, seed=1)
+    expected, _ = _expected_bound_bits(mu, s, np.linspace(1e-4, 0.02, 1000, dtype=np.float64), "small")
+    results = {}
+    for estimator in ("uniform", "stratified"):
+        out = likelihood.dataset_bits_per_dim(oracle, sch, images, jax.random.PRNGKey(1), batch_size=400,
+                                              num_timesteps=20, estimator=estimator)
+        assert abs(out["total_bpd"] - expected) < 4 * out["total_bpd_stderr"], (estimator, out, expected)
+        results[estimator] = out
+    assert results["uniform"]["calls_per_image"] == 20 and results["stratified"]["calls_per_image"] <= 21
+    # The same network calls, a far smaller error: the terms concentrate at small t.
+    assert results["stratified"]["total_bpd_stderr"] < results["uniform"]["total_bpd_stderr"] / 4
+    starts, sizes = likelihood.geometric_strata(1000, 20)
+    assert starts[0] == 1 and starts[-1] + sizes[-1] == 1000 and np.all(starts[1:] == starts[:-1] + sizes[:-1])
     with pytest.raises(ValueError, match="uint8"):
         likelihood.dataset_bits_per_dim(oracle, sch, images.astype(np.float32), jax.random.PRNGKey(1))
+    with pytest.raises(ValueError, match="estimator"):
+        likelihood.dataset_bits_per_dim(oracle, sch, images, jax.random.PRNGKey(1), num_timesteps=5,
+                                        estimator="importance")
 
 
 # ----------------------------------------------------------------------------- classifier, pictures
+
+
+TINY_ARCH = {"widths": [8], "convs_per_block": 1, "hidden": 16}
 
 
 def test_classifier_trains_saves_and_loads(tmp_path):
     rng = np.random.default_rng(6)
     train_split, test_split = _class_images(rng, 1024), _class_images(rng, 256)
     meta = classifier.train_and_save("toy", str(tmp_path), arrays={"train": train_split, "test": test_split},
-                                     epochs=1, batch_size=64, log=None)
+                                     epochs=3, batch_size=32, arch=TINY_ARCH, log=None)
     assert meta["test_accuracy"] > 0.95 and meta["num_classes"] == 4
     assert sorted(os.listdir(tmp_path)) == [classifier.META_FILE, classifier.PARAMS_FILE]  # no temp files
     model, params, loaded_meta = classifier.load(str(tmp_path))
     assert loaded_meta == json.loads(json.dumps(meta))
     feats, probs = classifier.make_apply_fn(model, params, batch_size=100)(test_split[0])
-    assert feats.shape == (256, classifier.DEFAULT_ARCH["hidden"]) and probs.shape == (256, 4)
+    assert feats.shape == (256, TINY_ARCH["hidden"]) and probs.shape == (256, 4)
     assert np.mean(probs.argmax(1) == test_split[1]) == pytest.approx(meta["test_accuracy"])
     with pytest.raises(FileNotFoundError, match="classifier"):
         classifier.load(str(tmp_path / "missing"))
@@ -359,7 +372,7 @@ def test_pictures(tmp_path):
     assert Image.open(path).size == (2 * (4 * 10 + 2), 2 * (3 * 10 + 2))
     traj = rng.uniform(-1, 1, (11, 3, 8, 8, 1))
     strip = pictures.save_denoising_strip(traj, np.arange(10)[::-1] * 100, str(tmp_path / "s.png"), num_columns=6)
-    assert Image.open(strip).size[0] == 2 * (6 * 10 + 2)
+    assert Image.open(strip).size[0] == 3 * (6 * 10 + 2)  # scale 3
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 60):
             f.write(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-3}) + "\n")
@@ -367,3 +380,48 @@ def test_pictures(tmp_path):
     pytest.importorskip("matplotlib")
     assert os.path.getsize(pictures.save_loss_curve(str(tmp_path / "metrics.jsonl"), str(tmp_path / "l.png"))) > 1000
     assert pictures.save_loss_curve(str(tmp_path / "none.jsonl"), str(tmp_path / "n.png")) is None
+
+
+def test_evaluate_end_to_end_on_the_smoke_config(tmp_path):
+    """evaluate() on the smoke experiment (8x8 synthetic data) with untrained parameters:
+    every output file appears and the numbers are finite."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import smoke
+
+    from diffusion_jax import evaluation, models
+
+    config = smoke.get_config()
+    workdir = str(tmp_path)
+    # A pre-trained tiny classifier keeps the test fast (evaluate would train the default one).
+    classifier.train_and_save("synthetic", os.path.join(workdir, "clf"), epochs=1, batch_size=100,
+                              arch=TINY_ARCH, log=None,
+                              arrays={s: evaluation.load_split(config, s) for s in ("train", "test")})
+    with config.unlocked():
+        config.eval.update(dict(
+            num_samples=24, batch_size=24, samplers=("ddim",), steps=(3,), guidance_scales=(0.0,),
+            guidance_sampler="ddim", guidance_steps=3, kid_subsets=2, bpd_num_images=10,
+            bpd_num_timesteps=2, bpd_batch_size=10, classifier_dir=os.path.join(workdir, "clf"),
+            grid_per_class=8, strip_num_images=2, strip_sampler="ddim", strip_steps=3))
+        config.sample.method, config.sample.num_steps = "ddim", 3
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 20))
+    model = models.create(config.model)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1,), jnp.int32))["params"]
+    summary = evaluation.evaluate(config, workdir, params=params)
+    out = os.path.join(workdir, "eval")
+    expected = {"bpd.json", "quality.md", "quality.json", "summary.json", "summary.md",
+                "samples_per_class.png", "denoising_strip.png"}
+    if pytest.importorskip("matplotlib"):
+        expected |= {"quality.png", "loss.png"}
+    assert expected <= set(os.listdir(out))
+    assert np.isfinite(summary["bpd"]["total_bpd"]) and summary["bpd"]["calls_per_image"] == 3
+    rows = summary["quality"]
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [("ddim", 3, 2.0), ("ddim", 3, 0.0)]
+    assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="eval.samplers"):
+        with config.unlocked():
+            config.eval.samplers = ("euler",)
+        evaluation.eval_settings(config)

@@ -53,7 +53,8 @@ EVAL_DEFAULTS = {
     "kid_subsets": 20,  # KID: number of random subsets
     "kid_subset_size": 1000,  # KID: images per subset (capped at the sample count)
     "bpd_num_images": 1000,  # test images for bits/dim; 0 = skip
-    "bpd_num_timesteps": 20,  # K sampled timesteps per image (unbiased); 0 = all T terms
+    "bpd_num_timesteps": 20,  # K: unbiased estimate from <= K+1 network calls per image; 0 = all T terms
+    "bpd_estimator": "stratified",  # stratified (decoder exact + geometric strata) | uniform (diffusion.bits_per_dim)
     "bpd_batch_size": 250,  # images per bits/dim call
     "classifier_dir": "",  # "" = runs/classifier_<dataset> (synthetic: <workdir>/eval/classifier)
     "train_classifier": True,  # train the classifier when classifier_dir has none
@@ -101,6 +102,8 @@ def eval_settings(config: Any) -> dict:
         bad = [m for m in s[field] if m not in samplers.METHODS]
         if bad:
             raise ValueError(f"eval.{field}: unknown {bad}; allowed: {samplers.METHODS}")
+    if s["bpd_estimator"] not in likelihood.ESTIMATORS:
+        raise ValueError(f"eval.bpd_estimator={s['bpd_estimator']!r}; allowed: {likelihood.ESTIMATORS}")
     for field in ("guidance_sampler", "strip_sampler"):
         if s[field] not in samplers.METHODS:
             raise ValueError(f"eval.{field}={s[field]!r}; allowed: {samplers.METHODS}")
@@ -257,10 +260,10 @@ def _bpd(config, params, settings, test_images, out_dir) -> dict:
     k = int(settings["bpd_num_timesteps"]) or None
     result = likelihood.dataset_bits_per_dim(
         denoise, schedule, test_images[:n], jax.random.PRNGKey(settings["seed"] + 17), params=params,
-        batch_size=batch, num_timesteps=k, prediction=config.diffusion.prediction,
+        batch_size=batch, num_timesteps=k, estimator=settings["bpd_estimator"],
+        prediction=config.diffusion.prediction,
         variance=config.diffusion.variance, log=_log)
-    result.update(estimator="all T terms" if k is None else f"{k} uniformly sampled timesteps per image",
-                  condition="null label (unconditional)" if num_classes > 0 else "unconditional",
+    result.update(condition="null label (unconditional)" if num_classes > 0 else "unconditional",
                   variance=config.diffusion.variance)
     with open(os.path.join(out_dir, "bpd.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -317,7 +320,8 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
         apply_fn = classifier.make_apply_fn(model, cparams)
         reference = quality.make_reference(
             apply_fn, test_split[0], train_split[0], num_samples=settings["num_samples"],
-            num_classes=meta["num_classes"], seed=settings["seed"],
+            num_classes=meta["num_classes"], train_labels=train_split[1] if conditional else None,
+            seed=settings["seed"],
             kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"])
         _log("floor (train vs test): " + quality.format_row(reference.floor))
         rows = quality.sweep(

@@ -196,12 +196,12 @@ def accuracy(model: Classifier, params, images, labels, *, batch_size: int = 500
 
 
 def train_and_save(dataset: str, workdir: str, *, data_dir: str | None = None, arrays: dict | None = None,
-                   epochs: int = 3, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
+                   arch: dict | None = None, epochs: int = 4, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
                    log: Callable[[str], None] | None = _print) -> dict:
     """Train on `dataset`'s train split, measure test accuracy, save to `workdir`; return meta.
 
     `arrays` = {"train": (images, labels), "test": (images, labels)} replaces
-    `data.load_arrays` (synthetic data in tests).
+    `data.load_arrays` (synthetic data in tests); `arch` overrides DEFAULT_ARCH entries.
     """
     start = time.time()
     if arrays is None:
@@ -210,7 +210,7 @@ def train_and_save(dataset: str, workdir: str, *, data_dir: str | None = None, a
         arrays = {split: data.load_arrays(dataset, split, data_dir=data_dir) for split in ("train", "test")}
     (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
     num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
-    arch = dict(DEFAULT_ARCH)
+    arch = dict(DEFAULT_ARCH, **(arch or {}))
     model, params = train(train_images, train_labels, num_classes=num_classes, epochs=epochs,
                           batch_size=batch_size, learning_rate=learning_rate, arch=arch,
                           seed=seed, log=log)
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="mnist", help="dataset name known to diffusion_jax.data")
     parser.add_argument("--workdir", default=None, help="output directory (default runs/classifier_<dataset>)")
     parser.add_argument("--data_dir", default=None, help="prepared-data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,18 @@ Ho et al. 2020 (table 2) and Nichol & Dhariwal 2021 (table 1) report. The per-im
 terms come from `diffusion_jax.diffusion.bits_per_dim`: all T terms, or the unbiased
 estimate T * mean_k L_{t_k} from K uniformly sampled timesteps.
 
+Estimators (`estimator=`), all unbiased for the same bound:
+- `num_timesteps=None`: all T terms (T network calls per image), `diffusion.bits_per_dim`.
+- "uniform": `diffusion.bits_per_dim` with K timesteps drawn uniformly with replacement,
+  (T/K) sum_k L_{t_k}. Its variance is large: the terms are concentrated at small t
+  (the decoder and the first KLs carry bits; L_t falls roughly like 1/t there).
+- "stratified" (default): the decoder L_0 exactly, plus one timestep drawn uniformly
+  inside each of ~K strata of [1, T) whose edges are geometric (1, 2, 3, ..., then wider),
+  weighted by the stratum's size n_j: L_0 + sum_j n_j L_{t_j}. Each stratum term is unbiased
+  for the sum of its L_t, so the whole is unbiased (stratified sampling; Cochran 1977, ch. 5);
+  the small-t strata hold one timestep each and are exact. On the Gaussian-oracle test it
+  has ~10x smaller per-image spread than "uniform" at the same number of network calls.
+
 The reported standard error is std(per-image bound) / sqrt(N): the per-image
 estimates are independent (independent images, independent timestep draws), so it
 covers both the spread over test images and the Monte-Carlo noise of sampling
@@ -20,11 +32,51 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
 
 BPD_KEYS = ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")
+ESTIMATORS = ("stratified", "uniform")
+
+
+def geometric_strata(num_timesteps: int, num_strata: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first timestep, size) of strata tiling [1, T): edges round(geomspace(1, T, K + 1)),
+    duplicates merged, so there are at most K strata, the first ones of size 1."""
+    if not 1 <= num_strata <= num_timesteps - 1:
+        raise ValueError(f"num_timesteps (strata) must be in [1, T-1={num_timesteps - 1}], got {num_strata}")
+    edges = np.unique(np.round(np.geomspace(1, num_timesteps, num_strata + 1)).astype(np.int64))
+    edges[0], edges[-1] = 1, num_timesteps
+    return edges[:-1].astype(np.int32), np.diff(edges).astype(np.int32)
+
+
+def stratified_bits_per_dim(denoise_fn: Callable, schedule, x0, key, *, num_strata: int,
+                            prediction: str = "eps", variance: str = "small") -> dict:
+    """Unbiased per-example bound in bits/dim: prior + L_0 + sum_j n_j L_{t_j}, t_j uniform in
+    stratum j of `geometric_strata` (independently per example). Same keys as
+    `diffusion.bits_per_dim`; jit-able; 1 + (number of strata) network calls per example."""
+    starts, sizes = geometric_strata(schedule.num_timesteps, num_strata)
+    batch = x0.shape[0]
+    key_t, key_noise = jax.random.split(key)
+    u = jax.random.uniform(key_t, (len(starts), batch))
+    ts = jnp.asarray(starts)[:, None] + jnp.floor(u * jnp.asarray(sizes, jnp.float32)[:, None]).astype(jnp.int32)
+    ts = jnp.minimum(ts, jnp.asarray(starts + sizes - 1)[:, None])  # guard u * n rounding up to n
+    ts = jnp.concatenate([jnp.zeros((1, batch), jnp.int32), ts])
+    weights = jnp.concatenate([jnp.ones((1,), jnp.float32), jnp.asarray(sizes, jnp.float32)])
+
+    def body(carry, inp):
+        vb, dec = carry
+        t, w, k = inp
+        x_t = diffusion.q_sample(schedule, x0, t, jax.random.normal(k, x0.shape, x0.dtype))
+        term = diffusion.vlb_terms(schedule, x0, x_t, t, denoise_fn(x_t, t), prediction=prediction,
+                                   variance=variance)
+        return (vb + jnp.where(t > 0, w * term, 0.0), dec + jnp.where(t == 0, term, 0.0)), None
+
+    zeros = jnp.zeros((batch,), jnp.float32)
+    (vb, dec), _ = jax.lax.scan(body, (zeros, zeros), (ts, weights, jax.random.split(key_noise, len(ts))))
+    prior = diffusion.prior_bpd(schedule, x0)
+    return dict(total_bpd=prior + vb + dec, prior_bpd=prior, vb_bpd=vb, decoder_bpd=dec)
 
 
 def uint8_to_model(images) -> np.ndarray:
@@ -36,8 +88,8 @@ def uint8_to_model(images) -> np.ndarray:
 
 
 def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=None, batch_size: int = 250,
-                          num_timesteps: int | None = None, prediction: str = "eps",
-                          variance: str = "small", log: Callable[[str], None] | None = None) -> dict:
+                           num_timesteps: int | None = None, estimator: str = "stratified",
+                          prediction: str = "eps", variance: str = "small", log: Callable[[str], None] | None = None) -> dict:
     """Mean bits/dim of uint8 `images` [N,H,W,C] under the model's variational bound.
 
     `denoise_fn(x_t, t)`, or `denoise_fn(params, x_t, t)` when `params` is given (then
@@ -55,17 +107,23 @@ def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=
         raise ValueError(f"need at least 2 images for a standard error, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if num_timesteps is not None:
         num_timesteps = int(num_timesteps)
-    if num_timesteps is not None and not 1 <= num_timesteps <= schedule.num_timesteps:
-        raise ValueError(f"num_timesteps must be None (all T terms) or in [1, {schedule.num_timesteps}], "
-                         f"got {num_timesteps}")
+    if num_timesteps is not None and not 1 <= num_timesteps <= schedule.num_timesteps - (estimator == "stratified"):
+        raise ValueError(f"num_timesteps must be None (all T terms) or in [1, {schedule.num_timesteps}] "
+                         f"([1, T-1] when stratified), got {num_timesteps}")
 
     @jax.jit
     def batch_bpd(p, x, k):
         fn = denoise_fn if params is None else (lambda x_t, t: denoise_fn(p, x_t, t))
-        out = diffusion.bits_per_dim(fn, schedule, x, k, prediction=prediction,
-                                     variance=variance, num_timesteps=num_timesteps)
+        if num_timesteps is not None and estimator == "stratified":
+            out = stratified_bits_per_dim(fn, schedule, x, k, num_strata=num_timesteps,
+                                          prediction=prediction, variance=variance)
+        else:
+            out = diffusion.bits_per_dim(fn, schedule, x, k, prediction=prediction,
+                                         variance=variance, num_timesteps=num_timesteps)
         return {name: out[name] for name in BPD_KEYS}
 
     start = time.time()
@@ -83,7 +141,15 @@ def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=
                 f"{np.concatenate(per_image['total_bpd']).mean():.4f} ({time.time() - start:.0f}s)")
     result = {name: float(np.concatenate(v).mean()) for name, v in per_image.items()}
     total = np.concatenate(per_image["total_bpd"])
+    if num_timesteps is None:
+        calls, name = schedule.num_timesteps, "all T terms"
+    elif estimator == "stratified":
+        calls = 1 + len(geometric_strata(schedule.num_timesteps, num_timesteps)[0])
+        name = f"stratified: decoder + {calls - 1} geometric strata of [1, T)"
+    else:
+        calls, name = num_timesteps, f"{num_timesteps} uniformly sampled timesteps"
     result.update(total_bpd_stderr=float(total.std(ddof=1) / np.sqrt(n)), num_images=int(n),
-                  num_timesteps=int(num_timesteps or schedule.num_timesteps),
+                  num_timesteps=int(num_timesteps or schedule.num_timesteps), calls_per_image=int(calls),
+                  estimator=name,
                   seconds=round(time.time() - start, 1))
     return result

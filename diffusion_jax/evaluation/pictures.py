@@ -88,7 +88,7 @@ def save_denoising_strip(trajectory, timesteps, path: str, *, num_columns: int =
     h, w = trajectory.shape[2:4]
     # [B, columns, H, W, C] in row-major order: one row per sample.
     cells = np.clip(trajectory[picks], -1.0, 1.0).transpose(1, 0, 2, 3, 4).reshape(-1, h, w, trajectory.shape[-1])
-    scale, pad = 2, 2
+    scale, pad = 3, 2
     picture = grid(cells, len(picks), pad=pad, scale=scale)
     labels = [f"x{timesteps[i] + 1}" if i < num_states - 1 else "x0" for i in picks]
     _with_header(picture, labels, (w + pad) * scale, offset=pad * scale).save(path)

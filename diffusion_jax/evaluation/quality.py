@@ -72,19 +72,22 @@ def score(apply_fn: Callable, images, reference: Reference, *, labels=None) -> d
 
 
 def make_reference(apply_fn: Callable, test_images, train_images, *, num_samples: int,
-                   num_classes: int, seed: int = 0, kid_subsets: int = 20,
+                   num_classes: int, train_labels=None, seed: int = 0, kid_subsets: int = 20,
                    kid_subset_size: int = 1000) -> Reference:
     """Test features, and the floor: `num_samples` random train images scored against them.
 
     FD is biased upwards at small sample sizes, so the floor uses the same number of
     images as each generated set; it is what a sampler of the true distribution would get.
+    With `train_labels`, the floor's conditional accuracy is the classifier's accuracy on
+    those train images (the best a conditional sampler can be credited with).
     """
     if num_samples > len(train_images):
         raise ValueError(f"eval.num_samples={num_samples} exceeds the {len(train_images)} train images")
     test_features, _ = apply_fn(test_images)
     reference = Reference(test_features, {}, num_classes, kid_subsets, kid_subset_size)
     idx = np.random.default_rng(seed).choice(len(train_images), num_samples, replace=False)
-    reference.floor = score(apply_fn, np.asarray(train_images)[idx], reference)
+    labels = None if train_labels is None else np.asarray(train_labels)[idx]
+    reference.floor = score(apply_fn, np.asarray(train_images)[idx], reference, labels=labels)
     return reference
 
 
@@ -183,10 +186,15 @@ def plot(rows: Sequence[dict], floor: dict, path: str) -> str:
         if key in floor:
             ax.axhline(floor[key], color="k", ls="--", lw=1, label="train vs test (floor)")
         ax.set_xscale("log")
-        ax.set_xlabel("sampler steps (network evaluations)")
+        ticks = sorted({r["steps"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        if key == "fd" and all(r[key] > 0 for r in rows):
+            ax.set_yscale("log")
+        ax.set_xlabel("sampler steps (network evaluations per image, x2 with guidance)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
