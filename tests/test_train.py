@@ -188,3 +188,10 @@ def test_checkpoint_roundtrip_ignores_interrupted_save_and_checks_model(tmp_path
     with pytest.raises(ValueError, match=r"different model config \(model\.num_res_blocks: checkpoint 1 vs config 2\); use another --workdir"):
         ckpt.check_model_config(other)
     ckpt.close()
+
+
+def test_restore_without_checkpoint_says_train_first(tmp_path):
+    with pytest.raises(ValueError, match=r"no checkpoint in .*checkpoints: train first"):
+        checkpoints.restore_ema_params(smoke.get_config(), str(tmp_path))
+    assert checkpoints.latest_step(str(tmp_path)) is None
+    assert not os.path.exists(tmp_path / "checkpoints")  # read-only: nothing created

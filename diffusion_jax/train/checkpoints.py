@@ -89,12 +89,14 @@ def diff_model_configs(saved: dict, current: dict) -> list[str]:
 class Checkpointer:
     """Saves every `every_steps` and at the end, keeps the last `keep`, resumes the latest."""
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int = 1, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                max_to_keep=keep, create=not read_only, read_only=read_only,
+                enable_async_checkpointing=async_save,
             ),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -175,7 +177,7 @@ def restore_ema_params(config: Any, workdir: str, step: int | None = None) -> An
     from diffusion_jax.train import parallel
     from diffusion_jax.train.state import create_train_state, make_optimizer
 
-    ckpt = Checkpointer(workdir, keep=1 << 30, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
@@ -197,7 +199,7 @@ def restore_ema_params(config: Any, workdir: str, step: int | None = None) -> An
 
 def latest_step(workdir: str) -> int | None:
     """Step of the newest finalised checkpoint in `workdir` (None without one)."""
-    ckpt = Checkpointer(workdir, keep=1 << 30, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     try:
         return ckpt.latest_step()
     finally:
