@@ -42,17 +42,17 @@ __all__ = ["evaluate", "eval_settings", "EVAL_DEFAULTS", "Generator", "classifie
 EVAL_DEFAULTS = {
     "parts": ("bpd", "quality", "pictures"),  # which parts to run
     "seed": None,  # int; None = config.seed
-    "num_samples": 1000,  # generated images per sweep setting (and train images for the floor)
+    "num_samples": 500,  # generated images per sweep setting (and train images for the floor)
     "batch_size": 500,  # images per sampler call
     "samplers": ("ddpm", "ddim", "dpm_solver_pp"),  # names in samplers.METHODS
-    "steps": (10, 20, 50),  # sampler steps, each in [1, T]; T = the full chain
+    "steps": (10, 20),  # sampler steps, each in [1, T]; T = the full chain
     "guidance_scale": None,  # w of the steps sweep; None = config.sample.guidance_scale
-    "guidance_scales": (0.0, 0.5, 1.0, 2.0, 4.0),  # w values swept (conditional models only) ...
+    "guidance_scales": (0.0, 1.0, 2.0, 4.0),  # w values swept (conditional models only) ...
     "guidance_sampler": None,  # ... with this sampler (None = config.sample.method) ...
-    "guidance_steps": None,  # ... and this many steps (None = config.sample.num_steps)
+    "guidance_steps": 20,  # ... and this many steps
     "kid_subsets": 20,  # KID: number of random subsets
     "kid_subset_size": 1000,  # KID: images per subset (capped at the sample count)
-    "bpd_num_images": 1000,  # test images for bits/dim; 0 = skip
+    "bpd_num_images": 500,  # test images for bits/dim; 0 = skip
     "bpd_num_timesteps": 20,  # K: unbiased estimate from <= K+1 network calls per image; 0 = all T terms
     "bpd_estimator": "stratified",  # stratified (decoder exact + geometric strata) | uniform (diffusion.bits_per_dim)
     "bpd_batch_size": 250,  # images per bits/dim call
@@ -85,8 +85,6 @@ def eval_settings(config: Any) -> dict:
         s["guidance_scale"] = float(sample.get("guidance_scale", 0.0))
     if s["guidance_sampler"] is None:
         s["guidance_sampler"] = str(sample.get("method", "ddim"))
-    if s["guidance_steps"] is None:
-        s["guidance_steps"] = int(sample.get("num_steps", 50))
     for field in ("parts", "samplers", "steps", "guidance_scales"):
         value = s[field]
         s[field] = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
@@ -191,7 +189,7 @@ def _clip_x0(config: Any):
 class Generator:
     """Draws images (and reverse trajectories) from the model with any sampler setting.
 
-    One jit-compiled sampler per (method, steps, guidance, batch), run in batches of
+    One jit-compiled sampler per (method, steps, guided or not, batch), run in batches of
     `batch_size` (the last padded); params are jit arguments, not baked-in constants.
     """
 
@@ -200,17 +198,19 @@ class Generator:
         self.schedule, self.shape, self.num_classes, self._make_denoise_fn = _model_bits(config)
         self._compiled: dict = {}
 
-    def _fn(self, method: str, steps: int, guidance: float, conditional: bool, trajectory: bool, batch: int):
-        key = (method, steps, guidance, conditional, trajectory, batch)
+    def _fn(self, method: str, steps: int, guided: bool, conditional: bool, trajectory: bool, batch: int):
+        """jit-compiled run(params, labels, rng, w); w is a traced argument when guided, so every
+        guidance scale > 0 shares one compilation (w = 0 runs the conditional model alone)."""
+        key = (method, steps, guided, conditional, trajectory, batch)
         if key not in self._compiled:
             from diffusion_jax import samplers
 
             config, schedule, d = self.config, self.schedule, self.config.diffusion
             num_steps = None if steps == schedule.num_timesteps else int(steps)
 
-            def run(params, labels, rng):
+            def run(params, labels, rng, w):
                 denoise_fn = self._make_denoise_fn(config, params, labels if conditional else None,
-                                                   float(guidance) if conditional else 0.0)
+                                                   w if guided else 0.0)
                 out = samplers.sample(denoise_fn, schedule, (batch, *self.shape), rng, method=method,
                                       num_steps=num_steps, prediction=d.prediction, variance=d.variance,
                                       clip_x0=_clip_x0(config), return_trajectory=trajectory)
@@ -224,21 +224,22 @@ class Generator:
         """float32 [N,H,W,C] in [-1, 1]; N = len(labels) (conditional) or num (unconditional)."""
         n = len(labels) if labels is not None else int(num)
         batch = min(self.batch_size, n)
-        fn = self._fn(method, int(steps), float(guidance), labels is not None, False, batch)
+        fn = self._fn(method, int(steps), labels is not None and guidance != 0, labels is not None, False, batch)
+        w = jnp.float32(guidance)
         key = jax.random.PRNGKey(seed)
         out = []
         for i, lo in enumerate(range(0, n, batch)):
             valid = min(batch, n - lo)
             lab = None if labels is None else jnp.asarray(np.resize(labels[lo:lo + valid], batch), jnp.int32)
-            out.append(np.asarray(fn(self.params, lab, jax.random.fold_in(key, i)))[:valid])
+            out.append(np.asarray(fn(self.params, lab, jax.random.fold_in(key, i), w))[:valid])
         return np.concatenate(out)
 
     def trajectory(self, method: str, steps: int, guidance: float, *, labels=None, num: int,
                    seed: int = 0) -> np.ndarray:
         """[steps + 1, num, H, W, C]: start noise, the state before each later step, the sample."""
-        fn = self._fn(method, int(steps), float(guidance), labels is not None, True, int(num))
+        fn = self._fn(method, int(steps), labels is not None and guidance != 0, labels is not None, True, int(num))
         lab = None if labels is None else jnp.asarray(labels, jnp.int32)
-        _, traj = fn(self.params, lab, jax.random.PRNGKey(seed))
+        _, traj = fn(self.params, lab, jax.random.PRNGKey(seed), jnp.float32(guidance))
         return np.asarray(traj)
 
 
@@ -270,6 +271,30 @@ def _bpd(config, params, settings, test_images, out_dir) -> dict:
     _log(f"bits/dim {result['total_bpd']:.4f} +- {result['total_bpd_stderr']:.4f} "
          f"(N={n}, {result['estimator']}, {result['seconds']:.0f}s)")
     return result
+
+
+def _plan(config, settings, sweep_settings, num_classes, schedule, parts) -> dict:
+    """Image x network-call counts of each part (a guided call counts twice), for budgeting."""
+    conditional = num_classes > 0
+    g = lambda w: 2 if conditional and w != 0 else 1  # noqa: E731
+    plan = {}
+    if "bpd" in parts and settings["bpd_num_images"]:
+        k = int(settings["bpd_num_timesteps"])
+        calls = schedule.num_timesteps if k == 0 else (
+            1 + len(likelihood.geometric_strata(schedule.num_timesteps, k)[0])
+            if settings["bpd_estimator"] == "stratified" else k)
+        plan["bpd"] = int(settings["bpd_num_images"]) * calls
+    if "quality" in parts:
+        plan["quality"] = sum(int(settings["num_samples"]) * r["steps"] * g(r["guidance"]) for r in sweep_settings)
+    if "pictures" in parts:
+        T = schedule.num_timesteps
+        per_class = int(settings["grid_per_class"])
+        grid_images = num_classes * per_class if conditional else per_class * per_class
+        grid_steps = min(int((config.get("sample", None) or {}).get("num_steps", 50)), T)
+        strip_steps = min(int(settings["strip_steps"]) or T, T)
+        plan["pictures"] = g(settings["guidance_scale"]) * (
+            grid_images * grid_steps + int(settings["strip_num_images"]) * strip_steps)
+    return plan
 
 
 def _valid_settings(config, settings, conditional: bool, num_timesteps: int) -> list[dict]:
@@ -304,6 +329,10 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
     schedule, shape, num_classes, _ = _model_bits(config)
     conditional = num_classes > 0
     parts = settings["parts"]
+    sweep_settings = _valid_settings(config, settings, conditional, schedule.num_timesteps)
+    summary["planned_image_network_calls"] = plan = _plan(config, settings, sweep_settings, num_classes, schedule, parts)
+    _log("planned network evaluations (images x calls; x2 with guidance): "
+         + ", ".join(f"{k} {v:,}" for k, v in plan.items()))
     test_split = load_split(config, "test")
 
     if "bpd" in parts and settings["bpd_num_images"] > 0:
@@ -327,7 +356,7 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
         rows = quality.sweep(
             lambda m, n, w, labels, seed: generator.images(m, n, w, labels=labels, num=settings["num_samples"],
                                                            seed=seed),
-            apply_fn, reference, _valid_settings(config, settings, conditional, schedule.num_timesteps),
+            apply_fn, reference, sweep_settings,
             num_samples=settings["num_samples"], conditional=conditional, seed=settings["seed"], log=_log)
         quality.write_table(rows, reference.floor, out_dir, extra={"num_samples": settings["num_samples"]})
         quality.plot(rows, reference.floor, os.path.join(out_dir, "quality.png"))
@@ -340,6 +369,9 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
         summary["timings_s"]["pictures"] = round(time.time() - t0, 1)
 
     summary["timings_s"]["total"] = round(time.time() - start, 1)
+    summary["ms_per_image_call"] = {
+        part: round(1e3 * summary["timings_s"][part] / plan[part], 3)
+        for part in plan if plan[part] and part in summary["timings_s"]}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
