@@ -89,7 +89,6 @@ CONV_CASES = [
     (8, 8, 4, 3, 3, (2, 2), ((1, 1), (1, 1))),
     (7, 7, 4, 6, 3, (1, 1), ((2, 0), (0, 1))),
     (7, 7, 4, 6, 1, (1, 1), "SAME"),
-    (7, 7, 4, 6, 1, (2, 2), "VALID"),
     (6, 5, 2, 3, 3, (1, 2), "VALID"),
 ]
 
@@ -128,7 +127,7 @@ def test_conv2d_fast_matches_reference_and_float64(case):
         assert _rel_err(a, c) < RTOL32, (name, _rel_err(a, c))
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4]])
+@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[4]])
 def test_conv2d_fast_bfloat16(case):
     x, kernel, g, strides, padding = _conv_inputs(case, jnp.bfloat16, seed=1)
     got = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_fast, x, k, g, strides, padding))(
