@@ -111,7 +111,8 @@ def eval_settings(config: Any) -> dict:
             raise ValueError(f"eval.{field} must be an integer >= 1, got {s[field]}")
     for field in ("bpd_num_images", "bpd_num_timesteps", "strip_steps"):
         if int(s[field]) < 0:
-            raise ValueError(f"eval.{field} must be an integer >= 0 (0 = {'skip' if field == 'bpd_num_images' else 'all T'}), got {s[field]}")
+            zero = "skip" if field == "bpd_num_images" else "all T"
+            raise ValueError(f"eval.{field} must be an integer >= 0 (0 = {zero}), got {s[field]}")
     if s["num_samples"] < 2:
         raise ValueError(f"eval.num_samples must be >= 2 for covariance-based metrics, got {s['num_samples']}")
     if any(w < 0 for w in s["guidance_scales"] + (s["guidance_scale"],)):
@@ -152,8 +153,9 @@ def load_split(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _classifier(config: Any, workdir: str, settings: dict, train_split, test_split):
     """(module, params, meta) of the evaluation classifier; trained first if missing."""
     name = _dataset_name(config)
-    directory = settings["classifier_dir"] or (
-        os.path.join(workdir, "eval", "classifier") if name == "synthetic" else os.path.join("runs", f"classifier_{name}"))
+    default = (os.path.join(workdir, "eval", "classifier") if name == "synthetic"
+               else os.path.join("runs", f"classifier_{name}"))
+    directory = settings["classifier_dir"] or default
     if not os.path.exists(os.path.join(directory, classifier.META_FILE)):
         if not settings["train_classifier"]:
             raise FileNotFoundError(
@@ -330,7 +332,8 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
     conditional = num_classes > 0
     parts = settings["parts"]
     sweep_settings = _valid_settings(config, settings, conditional, schedule.num_timesteps)
-    summary["planned_image_network_calls"] = plan = _plan(config, settings, sweep_settings, num_classes, schedule, parts)
+    plan = _plan(config, settings, sweep_settings, num_classes, schedule, parts)
+    summary["planned_image_network_calls"] = plan
     _log("planned network evaluations (images x calls; x2 with guidance): "
          + ", ".join(f"{k} {v:,}" for k, v in plan.items()))
     test_split = load_split(config, "test")

@@ -196,7 +196,8 @@ def accuracy(model: Classifier, params, images, labels, *, batch_size: int = 500
 
 
 def train_and_save(dataset: str, workdir: str, *, data_dir: str | None = None, arrays: dict | None = None,
-                   arch: dict | None = None, epochs: int = 4, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
+                   arch: dict | None = None, epochs: int = 4, batch_size: int = 128,
+                   learning_rate: float = 2e-3, seed: int = 0,
                    log: Callable[[str], None] | None = _print) -> dict:
     """Train on `dataset`'s train split, measure test accuracy, save to `workdir`; return meta.
 
@@ -231,7 +232,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="mnist", help="dataset name known to diffusion_jax.data")
     parser.add_argument("--workdir", default=None, help="output directory (default runs/classifier_<dataset>)")
-    parser.add_argument("--data_dir", default=None, help="prepared-data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument("--data_dir", default=None,
+                        help="prepared-data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=2e-3)

@@ -83,23 +83,27 @@ def uint8_to_model(images) -> np.ndarray:
     """uint8 [N,H,W,C] -> float32 in [-1, 1] on the pixel-centre grid k/127.5 - 1."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 pixel levels 0..255 for a discrete likelihood, got {images.dtype}")
+        raise ValueError(f"images must be uint8 pixel levels 0..255 for a discrete likelihood, "
+                         f"got {images.dtype}")
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=None, batch_size: int = 250,
-                           num_timesteps: int | None = None, estimator: str = "stratified",
-                          prediction: str = "eps", variance: str = "small", log: Callable[[str], None] | None = None) -> dict:
+def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=None,
+                         batch_size: int = 250, num_timesteps: int | None = None,
+                         estimator: str = "stratified", prediction: str = "eps",
+                         variance: str = "small", log: Callable[[str], None] | None = None) -> dict:
     """Mean bits/dim of uint8 `images` [N,H,W,C] under the model's variational bound.
 
     `denoise_fn(x_t, t)`, or `denoise_fn(params, x_t, t)` when `params` is given (then
     the parameters are arguments of the compiled function, not constants baked into it).
     It sees batches of exactly `batch_size` (so it may close over a fixed-size condition,
-    e.g. the null label); the last batch is padded and the padding dropped. `num_timesteps=None` evaluates all T terms (T forward passes per image); an
-    int K gives the unbiased K-timestep estimate (K forward passes per image).
+    e.g. the null label); the last batch is padded and the padding dropped.
+    `num_timesteps=None` evaluates all T terms (T network calls per image); an int K gives
+    an unbiased estimate with `estimator` ("stratified": at most K + 1 calls per image;
+    "uniform": K calls), see the module docstring.
 
-    Returns a dict of floats: mean of each of BPD_KEYS, "total_bpd_stderr", "num_images",
-    "num_timesteps" (K, or T for the full bound) and "seconds".
+    Returns a dict: the mean of each of BPD_KEYS, "total_bpd_stderr", "num_images",
+    "num_timesteps" (K, or T for the full bound), "calls_per_image", "estimator", "seconds".
     """
     x_all = uint8_to_model(images)
     n = x_all.shape[0]
@@ -111,7 +115,8 @@ def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if num_timesteps is not None:
         num_timesteps = int(num_timesteps)
-    if num_timesteps is not None and not 1 <= num_timesteps <= schedule.num_timesteps - (estimator == "stratified"):
+    largest = schedule.num_timesteps - (estimator == "stratified")
+    if num_timesteps is not None and not 1 <= num_timesteps <= largest:
         raise ValueError(f"num_timesteps must be None (all T terms) or in [1, {schedule.num_timesteps}] "
                          f"([1, T-1] when stratified), got {num_timesteps}")
 
