@@ -48,12 +48,15 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
 
 
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= max_groups that divides `channels`.
+    """Largest group count <= max_groups that divides `channels` with >= 2 channels per group.
 
     32 groups (Wu & He 2018; DDPM) for wide layers, fewer when channels are few
-    or not a multiple of 32 (e.g. 8 channels -> 8 groups, 48 -> 24).
+    or not a multiple of 32 (e.g. 8 channels -> 4 groups, 48 -> 24, 64 -> 32).
+    At least two channels per group: DDPM adds the time embedding as a
+    per-channel constant right before a GroupNorm, and a group of one channel
+    would subtract that constant away entirely.
     """
-    for g in range(min(max_groups, channels), 0, -1):
+    for g in range(min(max_groups, max(channels // 2, 1)), 0, -1):
         if channels % g == 0:
             return g
     return 1
