@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, models
 from diffusion_jax.train import parallel
 from diffusion_jax.train.state import TrainState, ema_decay_at, ema_update
 
@@ -65,8 +65,8 @@ def make_train_step(config: Any, model: Any, schedule: Any, tx: optax.GradientTr
         draw_key, dropout_key = jax.random.split(step_key)
         t, noise, drop = per_example_draws(
             draw_key, b, x0.shape[1:], schedule.num_timesteps, cond_drop_prob)
-        if num_classes > 0:
-            cond = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
+        if num_classes > 0:  # the null label (value num_classes) where dropped
+            cond = jnp.where(drop, models.null_cond(mc, b), batch["label"].astype(jnp.int32))
         else:
             cond = None
         x_t = diffusion.q_sample(schedule, x0, t, noise)
