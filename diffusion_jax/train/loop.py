@@ -147,6 +147,9 @@ def train(config: Any, workdir: str, *,
             if do_log or do_ckpt or do_sample:
                 host = _check_finite(*pending, ckpt)
                 pending = None
+            elif s == start + 1:  # keep the compilation out of images/s
+                jax.block_until_ready(metrics)
+                last_log_step, last_log_time = s, time.perf_counter()
             if do_log:
                 now = time.perf_counter()
                 rate = (s - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9)
