@@ -7,6 +7,7 @@ without weight decay as in the DiT paper, with a higher rate for the short run.
 from diffusion_jax import models
 from experiments import mnist
 
+
 def get_config():
     config = mnist.get_config()
     config.experiment = "mnist_dit"
