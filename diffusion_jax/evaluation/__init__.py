@@ -58,7 +58,7 @@ EVAL_DEFAULTS = {
     "bpd_batch_size": 250,  # images per bits/dim call
     "classifier_dir": "",  # "" = runs/classifier_<dataset> (synthetic: <workdir>/eval/classifier)
     "train_classifier": True,  # train the classifier when classifier_dir has none
-    "classifier_epochs": 4,  # epochs when evaluate trains it
+    "classifier_epochs": 3,  # epochs when evaluate trains it
     "grid_per_class": 8,  # images per class row in samples_per_class.png
     "strip_num_images": 6,  # rows of denoising_strip.png
     "strip_sampler": "ddpm",  # sampler of the strip

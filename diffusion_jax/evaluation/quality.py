@@ -7,6 +7,12 @@ generated images through the same classifier; `sweep` does so for each setting
 (sampler, steps, guidance) and `write_table` / `plot` report the result.
 
 Generated images are quantised to uint8 before scoring, as they would be stored.
+
+Features are divided by one constant per reference, the root-mean-square of the test
+features: the classifier's feature scale is arbitrary (unlike Inception's pool features,
+for which the KID kernel (x.y/d + 1)^3 was designed), and without it the cubic kernel is
+dominated by feature norms. FD is then in units of that RMS squared; every row and the
+floor share the scale, so they compare directly.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ COLUMNS = (
 class Reference:
     """Test-set features and the train-vs-test floor, computed once per evaluation."""
 
-    test_features: np.ndarray
+    test_features: np.ndarray  # already divided by feature_scale
     floor: dict
     num_classes: int
     kid_subsets: int
     kid_subset_size: int
+    feature_scale: float = 1.0
 
 
 def score(apply_fn: Callable, images, reference: Reference, *, labels=None) -> dict:
@@ -57,6 +64,7 @@ def score(apply_fn: Callable, images, reference: Reference, *, labels=None) -> d
     if images.dtype != np.uint8:
         images = quantize(images)
     features, probs = apply_fn(images)
+    features = features / reference.feature_scale
     kid, kid_std = metrics.kernel_inception_distance(
         features, reference.test_features, num_subsets=reference.kid_subsets,
         subset_size=reference.kid_subset_size)
@@ -84,7 +92,8 @@ def make_reference(apply_fn: Callable, test_images, train_images, *, num_samples
     if num_samples > len(train_images):
         raise ValueError(f"eval.num_samples={num_samples} exceeds the {len(train_images)} train images")
     test_features, _ = apply_fn(test_images)
-    reference = Reference(test_features, {}, num_classes, kid_subsets, kid_subset_size)
+    scale = float(np.sqrt(np.mean(np.square(test_features)))) or 1.0
+    reference = Reference(test_features / scale, {}, num_classes, kid_subsets, kid_subset_size, scale)
     idx = np.random.default_rng(seed).choice(len(train_images), num_samples, replace=False)
     labels = None if train_labels is None else np.asarray(train_labels)[idx]
     reference.floor = score(apply_fn, np.asarray(train_images)[idx], reference, labels=labels)
