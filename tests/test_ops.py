@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from diffusion_jax import ops
+from diffusion_jax.ops import conv as conv_module
+
+_GEMM_RULE = conv_module.use_gemm_weight_grad  # the real rule, before the fixture below replaces it
 
 RTOL32 = 1e-5
 
@@ -91,6 +94,22 @@ CONV_CASES = [
     (7, 7, 4, 6, 1, (1, 1), "SAME"),
     (6, 5, 2, 3, 3, (1, 2), "VALID"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _gemm_weight_grad_everywhere(monkeypatch):
+    """Routes every test shape through the per-tap GEMM weight gradient (normally large maps only)."""
+    monkeypatch.setattr(conv_module, "use_gemm_weight_grad", lambda *a: True)
+
+
+def test_use_gemm_weight_grad_rule():
+    rule = _GEMM_RULE
+    assert rule((8, 28, 28, 128), (3, 3, 128, 128), (1, 1))
+    assert rule((8, 14, 14, 128), (3, 3, 256, 128), (1, 1))
+    assert rule((8, 7, 7, 4), (1, 1, 4, 4), (1, 1))
+    assert not rule((8, 28, 28, 64), (3, 3, 1, 64), (1, 1))  # conv_in
+    assert not rule((8, 14, 14, 64), (3, 3, 64, 64), (2, 2))  # strided
+    assert not rule((8, 7, 7, 128), (3, 3, 128, 128), (1, 1))  # small map
 
 
 def _conv_inputs(case, dtype=jnp.float32, seed=0):
@@ -296,3 +315,13 @@ def test_dispatch_env_switch(monkeypatch):
     monkeypatch.setenv(ops.ENV_VAR, "turbo")
     with pytest.raises(ValueError, match=ops.ENV_VAR):
         ops.conv2d(x, k)
+
+
+def test_conv2d_fast_with_xla_weight_grad(monkeypatch):
+    # The branch taken for shapes where the per-tap GEMMs do not pay (conv_in, strided, small maps).
+    monkeypatch.setattr(conv_module, "use_gemm_weight_grad", lambda *a: False)
+    x, kernel, g, strides, padding = _conv_inputs(CONV_CASES[2])
+    got = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_fast, x, k, g, strides, padding))(x, kernel, g)
+    oracle = np_conv_and_grads(x, kernel, g, strides, padding)
+    for a, c in zip(got, oracle):
+        assert _rel_err(a, c) < RTOL32

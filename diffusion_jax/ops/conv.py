@@ -15,7 +15,12 @@ Two implementations of the same function:
       dW[a, b, c, o] = sum_{n, i, j} x_pad[n, s*i + a, s*j + b, c] * dy[n, i, j, o]
 
   written as one matrix product per kernel tap (a, b) over the (n, i, j)
-  rows runs on XLA:CPU's dot (Eigen GEMM) path instead.
+  rows runs on XLA:CPU's dot (Eigen GEMM) path instead. It pays for 1x1
+  kernels (one GEMM, 3-7x faster) and for stride-1 3x3 kernels with at least
+  64 input and output channels on maps of at least 14x14 (1.6-3.3x, e.g.
+  28x28x128->128, 14x14x256->128); for the rest (1-channel conv_in / conv_out,
+  strided downsampling, 7x7 maps) the per-tap GEMMs measured slower and the
+  backward pass keeps XLA's own weight gradient (`use_gemm_weight_grad`).
 
 Which one `diffusion_jax.ops.conv2d` uses is decided in `diffusion_jax.ops`.
 """
@@ -115,6 +120,23 @@ def conv2d_weight_grad(
     return jnp.stack(taps).reshape(kh, kw, c, o)
 
 
+# Thresholds of `use_gemm_weight_grad`, from bench/bench_ops.py at batch 128 (see the module docstring).
+GEMM_WEIGHT_GRAD_MIN_CHANNELS = 64
+GEMM_WEIGHT_GRAD_MIN_PIXELS = 14 * 14
+
+
+def use_gemm_weight_grad(dy_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the per-tap GEMM weight gradient is the faster one on XLA:CPU for this shape."""
+    kh, kw, c, o = kernel_shape
+    if kh * kw == 1:
+        return True
+    return (
+        tuple(strides) == (1, 1)
+        and min(c, o) >= GEMM_WEIGHT_GRAD_MIN_CHANNELS
+        and dy_shape[1] * dy_shape[2] >= GEMM_WEIGHT_GRAD_MIN_PIXELS
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv2d_fast(x, kernel, strides, pads):
     return conv2d_reference(x, kernel, strides=strides, padding=pads)
@@ -130,8 +152,12 @@ def _conv2d_fast_bwd(strides, pads, residuals, dy):
     # with the flipped kernel), which XLA:CPU already runs at GEMM speed.
     _, x_vjp = jax.vjp(lambda x_: conv2d_reference(x_, kernel, strides=strides, padding=pads), x)
     (dx,) = x_vjp(dy)
-    dw = conv2d_weight_grad(x, dy, kernel.shape, strides, pads)
-    return dx, dw.astype(kernel.dtype)
+    if use_gemm_weight_grad(dy.shape, kernel.shape, strides):
+        dw = conv2d_weight_grad(x, dy, kernel.shape, strides, pads).astype(kernel.dtype)
+    else:
+        _, k_vjp = jax.vjp(lambda k_: conv2d_reference(x, k_, strides=strides, padding=pads), kernel)
+        (dw,) = k_vjp(dy)
+    return dx, dw
 
 
 _conv2d_fast.defvjp(_conv2d_fast_fwd, _conv2d_fast_bwd)
@@ -144,7 +170,7 @@ def conv2d_fast(
     strides: Sequence[int] = (1, 1),
     padding: str | Sequence[tuple[int, int]] = "SAME",
 ) -> jax.Array:
-    """Same function as `conv2d_reference`; weight gradient as per-tap GEMMs.
+    """Same function as `conv2d_reference`; weight gradient as per-tap GEMMs where that pays.
 
     Works under jit, vmap and grad (`jax.custom_vjp`); forward values and the
     input gradient are exactly the reference ones.
