@@ -38,17 +38,18 @@ from diffusion_jax.evaluation import classifier, likelihood, metrics, pictures, 
 __all__ = ["evaluate", "eval_settings", "EVAL_DEFAULTS", "Generator", "classifier", "likelihood", "metrics",
            "pictures", "quality"]
 
-# config.eval field -> default. None means "taken from another part of the config" (see eval_settings).
+# config.eval field -> default. None (or -1 / "" in a ConfigDict, whose fields cannot change
+# type) means "taken from another part of the config" (see eval_settings).
 EVAL_DEFAULTS = {
     "parts": ("bpd", "quality", "pictures"),  # which parts to run
-    "seed": None,  # int; None = config.seed
+    "seed": None,  # int; None or -1 = config.seed
     "num_samples": 500,  # generated images per sweep setting (and train images for the floor)
     "batch_size": 500,  # images per sampler call
     "samplers": ("ddpm", "ddim", "dpm_solver_pp"),  # names in samplers.METHODS
     "steps": (10, 20),  # sampler steps, each in [1, T]; T = the full chain
-    "guidance_scale": None,  # w of the steps sweep; None = config.sample.guidance_scale
+    "guidance_scale": None,  # w of the steps sweep; None or -1 = config.sample.guidance_scale
     "guidance_scales": (0.0, 1.0, 2.0, 4.0),  # w values swept (conditional models only) ...
-    "guidance_sampler": None,  # ... with this sampler (None = config.sample.method) ...
+    "guidance_sampler": None,  # ... with this sampler (None or "" = config.sample.method) ...
     "guidance_steps": 20,  # ... and this many steps
     "kid_subsets": 20,  # KID: number of random subsets
     "kid_subset_size": 1000,  # KID: images per subset (capped at the sample count)
@@ -79,11 +80,11 @@ def eval_settings(config: Any) -> dict:
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
     s = {k: given.get(k, v) for k, v in EVAL_DEFAULTS.items()}
     sample = config.get("sample", None) or {}
-    if s["seed"] is None:
+    if s["seed"] is None or s["seed"] == -1:
         s["seed"] = int(config.get("seed", 0))
-    if s["guidance_scale"] is None:
+    if s["guidance_scale"] is None or s["guidance_scale"] == -1:
         s["guidance_scale"] = float(sample.get("guidance_scale", 0.0))
-    if s["guidance_sampler"] is None:
+    if not s["guidance_sampler"]:
         s["guidance_sampler"] = str(sample.get("method", "ddim"))
     for field in ("parts", "samplers", "steps", "guidance_scales"):
         value = s[field]
