@@ -34,7 +34,7 @@ from flax import serialization
 PARAMS_FILE = "params.msgpack"
 META_FILE = "meta.json"
 # The architecture the training command uses: ~7.6M multiply-adds per 28x28 image.
-DEFAULT_ARCH = {"widths": [32, 64, 128], "convs_per_block": 1, "hidden": 128}
+DEFAULT_ARCH = {"widths": [32, 64, 128], "convs_per_block": 1, "hidden": 128, "dropout": 0.0}
 
 
 class Classifier(nn.Module):
@@ -49,22 +49,26 @@ class Classifier(nn.Module):
     widths: Sequence[int] = (32, 64)
     convs_per_block: int = 1
     hidden: int = 128
+    dropout: float = 0.0  # on the flattened conv features and the hidden layer, training only
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         for width in self.widths:
             for _ in range(self.convs_per_block):
                 x = nn.relu(nn.Conv(width, (3, 3))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
         features = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(features), features
+        dropped = nn.Dropout(self.dropout, deterministic=not train)(features)
+        return nn.Dense(self.num_classes)(dropped), features
 
 
 def make_model(num_classes: int, arch: dict | None = None) -> Classifier:
     arch = dict(DEFAULT_ARCH, **(arch or {}))
     return Classifier(num_classes=num_classes, widths=tuple(arch["widths"]),
-                      convs_per_block=arch["convs_per_block"], hidden=arch["hidden"])
+                      convs_per_block=arch["convs_per_block"], hidden=arch["hidden"],
+                      dropout=float(arch.get("dropout", 0.0)))
 
 
 def to_model_input(images) -> np.ndarray:
@@ -163,9 +167,9 @@ def train(train_images, train_labels, *, num_classes: int, epochs: int = 3, batc
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def train_step(params, opt_state, x, y):
+    def train_step(params, opt_state, x, y, key):
         def loss_fn(p):
-            logits, _ = model.apply({"params": p}, x)
+            logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -179,7 +183,8 @@ def train(train_images, train_labels, *, num_classes: int, epochs: int = 3, batc
         losses = []
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            params, opt_state, loss = train_step(params, opt_state, x_all[idx], y_all[idx])
+            step_key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch * steps_per_epoch + i)
+            params, opt_state, loss = train_step(params, opt_state, x_all[idx], y_all[idx], step_key)
             losses.append(loss)
             if log and (i + 1) % 100 == 0:
                 log(f"epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}: loss {float(loss):.4f} "
@@ -238,10 +243,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=DEFAULT_ARCH["dropout"],
+                        help="dropout rate in [0, 1) on the dense layers while training")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     train_and_save(args.dataset, args.workdir or f"runs/classifier_{args.dataset}", data_dir=args.data_dir,
                    epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                   seed=args.seed)
+                   seed=args.seed, arch={"dropout": args.dropout})
 
 
 if __name__ == "__main__":
