@@ -425,3 +425,19 @@ def test_evaluate_end_to_end_on_the_smoke_config(tmp_path):
         with config.unlocked():
             config.eval.samplers = ("euler",)
         evaluation.eval_settings(config)
+
+
+def test_random_shift_translates_each_image_with_black_fill():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, size=(64, 7, 6, 2)).astype(np.float32)
+    got = classifier.random_shift(x, 2, np.random.default_rng(11))
+    dy, dx = np.random.default_rng(11).integers(-2, 3, size=(2, 64))  # the same draws
+    assert got.shape == x.shape and len({(a, b) for a, b in zip(dy, dx)}) > 10
+    for k in range(64):
+        want = np.full_like(x[k], -1.0)
+        for i in range(7):
+            for j in range(6):
+                if 0 <= i - dy[k] < 7 and 0 <= j - dx[k] < 6:
+                    want[i, j] = x[k, i - dy[k], j - dx[k]]
+        np.testing.assert_array_equal(got[k], want)
+    assert classifier.random_shift(x, 0, rng) is x

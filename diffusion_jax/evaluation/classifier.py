@@ -84,6 +84,23 @@ def quantize(images) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translates each image [N,H,W,C] by (dy, dx) ~ U{-max_shift..max_shift}^2 pixels.
+
+    Vacated pixels take the background value -1 (black in [-1, 1]); content moved past
+    the border is dropped. max_shift = 0 returns x unchanged.
+    """
+    if max_shift <= 0:
+        return x
+    n, h, w, _ = x.shape
+    s = max_shift
+    padded = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), constant_values=-1.0)
+    dy, dx = rng.integers(-s, s + 1, size=(2, n))
+    rows = (np.arange(h)[None, :] + s - dy[:, None])[:, :, None]  # [N, H, 1]
+    cols = (np.arange(w)[None, :] + s - dx[:, None])[:, None, :]  # [N, 1, W]
+    return padded[np.arange(n)[:, None, None], rows, cols]
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -150,9 +167,10 @@ def _print(msg: str) -> None:
 
 
 def train(train_images, train_labels, *, num_classes: int, epochs: int = 3, batch_size: int = 128,
-          learning_rate: float = 2e-3, arch: dict | None = None, seed: int = 0,
+          learning_rate: float = 2e-3, arch: dict | None = None, seed: int = 0, max_shift: int = 0,
           log: Callable[[str], None] | None = _print):
-    """Adam with cosine-decayed learning rate on softmax cross-entropy; no augmentation.
+    """Adam with cosine-decayed learning rate on softmax cross-entropy; optional random
+    translations by up to `max_shift` pixels (`random_shift`) as the only augmentation.
 
     Images uint8 [N,H,W,C] (or float in [-1, 1]); labels int [N]. Returns (module, params).
     """
@@ -184,7 +202,8 @@ def train(train_images, train_labels, *, num_classes: int, epochs: int = 3, batc
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
             step_key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch * steps_per_epoch + i)
-            params, opt_state, loss = train_step(params, opt_state, x_all[idx], y_all[idx], step_key)
+            x = random_shift(x_all[idx], max_shift, rng)
+            params, opt_state, loss = train_step(params, opt_state, x, y_all[idx], step_key)
             losses.append(loss)
             if log and (i + 1) % 100 == 0:
                 log(f"epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}: loss {float(loss):.4f} "
@@ -202,7 +221,7 @@ def accuracy(model: Classifier, params, images, labels, *, batch_size: int = 500
 
 def train_and_save(dataset: str, workdir: str, *, data_dir: str | None = None, arrays: dict | None = None,
                    arch: dict | None = None, epochs: int = 3, batch_size: int = 128,
-                   learning_rate: float = 2e-3, seed: int = 0,
+                   learning_rate: float = 2e-3, seed: int = 0, max_shift: int = 0,
                    log: Callable[[str], None] | None = _print) -> dict:
     """Train on `dataset`'s train split, measure test accuracy, save to `workdir`; return meta.
 
@@ -219,12 +238,13 @@ def train_and_save(dataset: str, workdir: str, *, data_dir: str | None = None, a
     arch = dict(DEFAULT_ARCH, **(arch or {}))
     model, params = train(train_images, train_labels, num_classes=num_classes, epochs=epochs,
                           batch_size=batch_size, learning_rate=learning_rate, arch=arch,
-                          seed=seed, log=log)
+                          seed=seed, max_shift=max_shift, log=log)
     test_accuracy = accuracy(model, params, test_images, test_labels)
     meta = {
         "dataset": dataset, "num_classes": num_classes, "image_shape": list(np.shape(train_images)[1:]),
         "arch": arch, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "seed": seed, "test_accuracy": test_accuracy, "train_seconds": round(time.time() - start, 1),
+        "seed": seed, "max_shift": max_shift, "test_accuracy": test_accuracy,
+        "train_seconds": round(time.time() - start, 1),
     }
     save(workdir, params, meta)
     if log:
@@ -243,14 +263,18 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_shift", type=int, default=0,
+                        help="random translations by up to this many pixels while training (0 = none)")
     parser.add_argument("--dropout", type=float, default=DEFAULT_ARCH["dropout"],
                         help="dropout rate in [0, 1) on the dense layers while training")
     args = parser.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.max_shift < 0:
+        raise ValueError(f"--max_shift must be >= 0 pixels, got {args.max_shift}")
     train_and_save(args.dataset, args.workdir or f"runs/classifier_{args.dataset}", data_dir=args.data_dir,
                    epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                   seed=args.seed, arch={"dropout": args.dropout})
+                   seed=args.seed, max_shift=args.max_shift, arch={"dropout": args.dropout})
 
 
 if __name__ == "__main__":
