@@ -190,6 +190,24 @@ def test_checkpoint_roundtrip_ignores_interrupted_save_and_checks_model(tmp_path
     ckpt.close()
 
 
+def test_checkpoint_in_relative_workdir(tmp_path, monkeypatch):
+    """The default workdir runs/<experiment> is relative; saving and restoring must work there."""
+    import jax
+
+    monkeypatch.chdir(tmp_path)
+    config = smoke.get_config()
+    ckpt = checkpoints.Checkpointer(os.path.join("runs", "smoke"), keep=1, async_save=True)
+    _save(ckpt, 5, 2.0, config)
+    ckpt.close()
+    ckpt = checkpoints.Checkpointer(os.path.join("runs", "smoke"), keep=1)
+    abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    state, _ = ckpt.restore(abstract)
+    np.testing.assert_array_equal(np.asarray(state["w"]), [2, 2, 2])
+    assert (tmp_path / "runs" / "smoke" / "checkpoints" / "5").is_dir()
+    ckpt.close()
+
+
 def test_restore_without_checkpoint_says_train_first(tmp_path):
     with pytest.raises(ValueError, match=r"no checkpoint in .*checkpoints: train first"):
         checkpoints.restore_ema_params(smoke.get_config(), str(tmp_path))

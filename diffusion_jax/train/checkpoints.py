@@ -91,7 +91,9 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int = 1, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # Orbax's tensorstore writer rejects relative paths (at the first save, not here),
+        # and the default workdir runs/<experiment> is relative.
+        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
