@@ -59,7 +59,8 @@ EVAL_DEFAULTS = {
     "bpd_batch_size": 250,  # images per bits/dim call
     "classifier_dir": "",  # "" = runs/classifier_<dataset> (synthetic: <workdir>/eval/classifier)
     "train_classifier": True,  # train the classifier when classifier_dir has none
-    "classifier_epochs": 3,  # epochs when evaluate trains it
+    "classifier_epochs": 4,  # epochs when evaluate trains it
+    "classifier_max_shift": 2,  # random-shift augmentation (pixels) when evaluate trains it
     "grid_per_class": 8,  # images per class row in samples_per_class.png
     "strip_num_images": 6,  # rows of denoising_strip.png
     "strip_sampler": "ddpm",  # sampler of the strip
@@ -110,9 +111,9 @@ def eval_settings(config: Any) -> dict:
                   "grid_per_class", "strip_num_images", "strip_columns", "classifier_epochs"):
         if int(s[field]) < 1:
             raise ValueError(f"eval.{field} must be an integer >= 1, got {s[field]}")
-    for field in ("bpd_num_images", "bpd_num_timesteps", "strip_steps"):
+    for field in ("bpd_num_images", "bpd_num_timesteps", "strip_steps", "classifier_max_shift"):
         if int(s[field]) < 0:
-            zero = "skip" if field == "bpd_num_images" else "all T"
+            zero = {"bpd_num_images": "skip", "classifier_max_shift": "no shifts"}.get(field, "all T")
             raise ValueError(f"eval.{field} must be an integer >= 0 (0 = {zero}), got {s[field]}")
     if s["num_samples"] < 2:
         raise ValueError(f"eval.num_samples must be >= 2 for covariance-based metrics, got {s['num_samples']}")
@@ -164,7 +165,8 @@ def _classifier(config: Any, workdir: str, settings: dict, train_split, test_spl
                 f"`python -m diffusion_jax.evaluation.classifier --dataset {name} --workdir {directory}`")
         _log(f"no classifier in {directory}; training one ({settings['classifier_epochs']} epochs)")
         classifier.train_and_save(name, directory, arrays={"train": train_split, "test": test_split},
-                                  epochs=int(settings["classifier_epochs"]), seed=settings["seed"], log=_log)
+                                  epochs=int(settings["classifier_epochs"]),
+                                  max_shift=int(settings["classifier_max_shift"]), seed=settings["seed"], log=_log)
     model, params, meta = classifier.load(directory)
     if tuple(meta["image_shape"]) != tuple(test_split[0].shape[1:]) or meta["dataset"] != name:
         raise ValueError(f"classifier in {directory!r} is for {meta['dataset']} {meta['image_shape']}, "

@@ -259,11 +259,11 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="output directory (default runs/classifier_<dataset>)")
     parser.add_argument("--data_dir", default=None,
                         help="prepared-data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_shift", type=int, default=0,
+    parser.add_argument("--max_shift", type=int, default=2,
                         help="random translations by up to this many pixels while training (0 = none)")
     parser.add_argument("--dropout", type=float, default=DEFAULT_ARCH["dropout"],
                         help="dropout rate in [0, 1) on the dense layers while training")
