@@ -23,6 +23,13 @@ _GEMM_RULE = conv_module.use_gemm_weight_grad  # the real rule, before the fixtu
 RTOL32 = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _full_float32_precision():
+    """GPUs run float32 convolutions and matmuls in TF32 by default; 1e-5 needs full float32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
