@@ -52,7 +52,15 @@ def drop_condition(cond: jax.Array, key: jax.Array, p: float, uncond: jax.Array)
 
     `uncond` is `null_cond(config, batch)`; works for labels [B] and vectors [B, D].
     """
-    drop = jax.random.bernoulli(key, p, (cond.shape[0],))
+    return where_dropped(jax.random.bernoulli(key, p, (cond.shape[0],)), cond, uncond)
+
+
+def where_dropped(drop: jax.Array, cond: jax.Array, uncond: jax.Array) -> jax.Array:
+    """`cond` with example i replaced by `uncond[i]` where `drop[i]` (bool [B]).
+
+    For callers that draw the drop mask themselves (the trainer draws it per example,
+    so it does not depend on how the batch is sharded); labels [B] or vectors [B, D].
+    """
     drop = drop.reshape((-1,) + (1,) * (cond.ndim - 1))
     return jnp.where(drop, uncond, cond)
 

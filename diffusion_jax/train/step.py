@@ -66,7 +66,8 @@ def make_train_step(config: Any, model: Any, schedule: Any, tx: optax.GradientTr
         t, noise, drop = per_example_draws(
             draw_key, b, x0.shape[1:], schedule.num_timesteps, cond_drop_prob)
         if num_classes > 0:  # the null label (value num_classes) where dropped
-            cond = jnp.where(drop, models.null_cond(mc, b), batch["label"].astype(jnp.int32))
+            cond = models.guidance.where_dropped(
+                drop, batch["label"].astype(jnp.int32), models.null_cond(mc, b))
         else:
             cond = None
         x_t = diffusion.q_sample(schedule, x0, t, noise)
