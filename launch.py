@@ -23,6 +23,11 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from diffusion_jax.ops import allocator
+
+    # Before JAX starts its threads: XLA:CPU's per-step buffers are reused
+    # instead of page-faulted in again every step (DIFFUSION_JAX_MALLOC=default opts out).
+    allocator.keep_freed_memory()
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.experiment)
     logging.info("mode=%s workdir=%s", FLAGS.mode, workdir)

@@ -2,7 +2,8 @@
 
 For each model: parameter count, compile seconds, forward and forward+backward
 images/s (median over --steps timed steps after one warm-up), XLA's FLOP count
-and the achieved GFLOP/s, and peak memory: XLA's buffer analysis of the
+(of the network with the reference ops, since XLA does not count the
+native kernels' custom calls) and the achieved GFLOP/s, and peak memory: XLA's buffer analysis of the
 compiled step (arguments + outputs + temporaries), and the process's max
 resident set size (its growth over the benchmark, and its final value).
 Each model runs in a fresh subprocess.
@@ -19,17 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from diffusion_jax.ops import allocator
 
-from diffusion_jax import models
+allocator.keep_freed_memory()  # as launch.py, before JAX starts its threads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from diffusion_jax import models, ops  # noqa: E402
 
 
 def max_rss_mib() -> float:
@@ -64,6 +70,13 @@ def compile_stats(jitted, *args):
     return compiled, seconds, flops, peak
 
 
+def reference_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
     cfg = models.default_config(name)
     cfg.dtype = dtype
@@ -91,7 +104,20 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
 
         return jax.value_and_grad(loss)(params)
 
-    row = {"model": name, "params": n_params}
+    # FLOPs of the reference-ops network (XLA does not count the native kernels' custom calls);
+    # fresh function objects so that JAX's trace cache cannot return the traces above.
+    mode = os.environ.get(ops.ENV_VAR)
+    os.environ[ops.ENV_VAR] = "reference"
+    ref_flops = [
+        reference_flops(lambda *a: forward.__wrapped__(*a), params, x, t),
+        reference_flops(lambda *a: forward_backward.__wrapped__(*a), params, x, t, eps, jax.random.key(1)),
+    ]
+    if mode is None:
+        del os.environ[ops.ENV_VAR]
+    else:
+        os.environ[ops.ENV_VAR] = mode
+
+    row = {"model": name, "params": n_params, "kernels": ops.selected()}
     rss0 = max_rss_mib()
     fwd, row["fwd_compile_s"], row["fwd_gflop"], row["fwd_xla_mib"] = compile_stats(forward, params, x, t)
     ts = timed(fwd, params, x, t, steps=steps)
@@ -102,6 +128,7 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
     row["fb_img_s"] = batch / statistics.median(ts_fb)
     row["rss_delta_mib"] = max_rss_mib() - rss0
     row["max_rss_mib"] = max_rss_mib()
+    row["fwd_gflop"], row["fb_gflop"] = ref_flops
     row["fwd_gflop_s"] = row["fwd_gflop"] / 1e9 / statistics.median(ts)
     row["fb_gflop_s"] = row["fb_gflop"] / 1e9 / statistics.median(ts_fb)
     return row

@@ -1,11 +1,13 @@
-"""Per-kernel speed of diffusion_jax.ops: reference (lax + autodiff) vs fast (CPU custom VJPs).
+"""Per-kernel speed of diffusion_jax.ops: reference (lax + autodiff), fast (pure-XLA
+custom VJPs) and native (oneDNN / C++ custom calls).
 
 For every convolution shape of the default MNIST UNet (batch 128) it times,
-in interleaved rounds (medians), the weight gradient alone, and the whole
-forward + backward (value and gradients wrt x and kernel) of both paths, and
+in interleaved rounds (medians), the forward pass and the whole forward +
+backward (value and gradients wrt x and kernel) of each implementation, and
 prints GFLOP/s (2 * N * Ho * Wo * kh * kw * C * O per convolution, i.e. per
 forward, per input gradient and per weight gradient). For GroupNorm it prints
-milliseconds of the forward pass and of forward + backward.
+milliseconds of the forward pass and of forward + backward. The process
+starts with `diffusion_jax.ops.allocator.keep_freed_memory()`, as launch.py.
 
     .venv/bin/python bench/bench_ops.py                 # all shapes, batch 128
     .venv/bin/python bench/bench_ops.py --batch 64 --rounds 5 --only conv
@@ -17,12 +19,15 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from diffusion_jax.ops import allocator
 
-from diffusion_jax import ops
-from diffusion_jax.ops.conv import conv2d_weight_grad, explicit_padding
+allocator.keep_freed_memory()  # before JAX starts its threads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from diffusion_jax import ops  # noqa: E402
 
 # (H=W, C_in, C_out, k, stride) of the UNet (ch 64, ch_mult (1, 2, 2), 2 res blocks, 28x28x1).
 CONV_SHAPES = [
@@ -56,24 +61,23 @@ def _interleaved(fns: dict, args: tuple, rounds: int) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in ts.items()}
 
 
+IMPLS = ("reference", "fast", "native")
+
+
 def bench_conv(batch: int, rounds: int) -> None:
-    print(f"conv2d, batch {batch}: GFLOP/s (median of {rounds}); fwd+bwd = forward, dx and dW")
-    print(f"{'shape':28s} {'dW ref':>8s} {'dW fast':>8s} {'x':>6s} | {'f+b ref':>8s} {'f+b fast':>8s} {'x':>6s}")
+    print(f"conv2d, batch {batch}: GFLOP/s (median of {rounds}) of forward, forward+backward (forward, dx, dW)")
+    print(f"{'shape':24s} " + " ".join(f"{'fwd ' + i[:3]:>8s}" for i in IMPLS) + " | "
+          + " ".join(f"{'f+b ' + i[:3]:>8s}" for i in IMPLS) + f" | {'nat/ref':>7s}")
     for h, c, o, k, s in CONV_SHAPES:
         kx, kk, kg = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(kx, (batch, h, h, c))
         kernel = jax.random.normal(kk, (k, k, c, o))
         ho = -(-h // s)
         dy = jax.random.normal(kg, (batch, ho, ho, o))
-        pads = explicit_padding(x.shape, kernel.shape, (s, s), "SAME")
         flop = 2 * batch * ho * ho * k * k * c * o / 1e9
 
-        def dw_ref(x, dy):
-            _, vjp = jax.vjp(lambda w: ops.conv2d_reference(x, w, strides=(s, s)), kernel)
-            return vjp(dy)[0]
-
-        def dw_fast(x, dy):
-            return conv2d_weight_grad(x, dy, kernel.shape, (s, s), pads)
+        def fwd(impl):
+            return lambda x, dy: impl(x, kernel, strides=(s, s))
 
         def fb(impl):
             def f(x, dy):
@@ -82,20 +86,21 @@ def bench_conv(batch: int, rounds: int) -> None:
 
             return f
 
-        t = _interleaved(
-            {"dw_ref": jax.jit(dw_ref), "dw_fast": jax.jit(dw_fast),
-             "fb_ref": jax.jit(fb(ops.conv2d_reference)), "fb_fast": jax.jit(fb(ops.conv2d_fast))},
-            (x, dy), rounds,
-        )
+        fns = {}
+        for i in IMPLS:
+            impl = getattr(ops, f"conv2d_{i}")
+            fns[f"f_{i}"], fns[f"fb_{i}"] = jax.jit(fwd(impl)), jax.jit(fb(impl))
+        t = _interleaved(fns, (x, dy), rounds)
         name = f"{h}x{h}x{c}->{o} {k}x{k} s{s}"
-        print(f"{name:28s} {flop / t['dw_ref']:8.1f} {flop / t['dw_fast']:8.1f} {t['dw_ref'] / t['dw_fast']:6.2f} | "
-              f"{3 * flop / t['fb_ref']:8.1f} {3 * flop / t['fb_fast']:8.1f} {t['fb_ref'] / t['fb_fast']:6.2f}",
-              flush=True)
+        print(f"{name:24s} " + " ".join(f"{flop / t[f'f_{i}']:8.1f}" for i in IMPLS) + " | "
+              + " ".join(f"{3 * flop / t[f'fb_{i}']:8.1f}" for i in IMPLS)
+              + f" | {t['fb_reference'] / t['fb_native']:7.2f}", flush=True)
 
 
 def bench_group_norm(batch: int, rounds: int) -> None:
     print(f"\ngroup_norm (32 groups), batch {batch}: milliseconds (median of {rounds})")
-    print(f"{'shape':16s} {'fwd ref':>8s} {'fwd fast':>8s} {'x':>6s} | {'f+b ref':>8s} {'f+b fast':>8s} {'x':>6s}")
+    print(f"{'shape':16s} " + " ".join(f"{'fwd ' + i[:3]:>8s}" for i in IMPLS) + " | "
+          + " ".join(f"{'f+b ' + i[:3]:>8s}" for i in IMPLS) + f" | {'nat/ref':>7s}")
     for h, c in GN_SHAPES:
         kx, kg = jax.random.split(jax.random.key(1))
         x = jax.random.normal(kx, (batch, h, h, c))
@@ -112,14 +117,14 @@ def bench_group_norm(batch: int, rounds: int) -> None:
 
             return f
 
-        t = _interleaved(
-            {"f_ref": jax.jit(fwd(ops.group_norm_reference)), "f_fast": jax.jit(fwd(ops.group_norm_fast)),
-             "fb_ref": jax.jit(fb(ops.group_norm_reference)), "fb_fast": jax.jit(fb(ops.group_norm_fast))},
-            (x, dy), rounds,
-        )
-        ms = {k: 1e3 * v for k, v in t.items()}
-        print(f"{f'{h}x{h}x{c}':16s} {ms['f_ref']:8.1f} {ms['f_fast']:8.1f} {t['f_ref'] / t['f_fast']:6.2f} | "
-              f"{ms['fb_ref']:8.1f} {ms['fb_fast']:8.1f} {t['fb_ref'] / t['fb_fast']:6.2f}", flush=True)
+        fns = {}
+        for i in IMPLS:
+            impl = getattr(ops, f"group_norm_{i}")
+            fns[f"f_{i}"], fns[f"fb_{i}"] = jax.jit(fwd(impl)), jax.jit(fb(impl))
+        t = _interleaved(fns, (x, dy), rounds)
+        print(f"{f'{h}x{h}x{c}':16s} " + " ".join(f"{1e3 * t[f'f_{i}']:8.1f}" for i in IMPLS) + " | "
+              + " ".join(f"{1e3 * t[f'fb_{i}']:8.1f}" for i in IMPLS)
+              + f" | {t['fb_reference'] / t['fb_native']:7.2f}", flush=True)
 
 
 def main() -> None:

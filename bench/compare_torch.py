@@ -9,14 +9,22 @@ dropout. One run prints, for each batch size:
   torch, JAX with `DIFFUSION_JAX_OPS=fast` and JAX with `=reference`, and the
   JAX/torch ratios;
 * the float32 2048^3 matmul rate of jnp and of torch (the machine's practical
-  peak), and model-FLOP utilisation: XLA's cost-analysis FLOPs of the jitted
-  step divided by (step time x jnp matmul rate).
+  peak), and model-FLOP utilisation: the FLOPs of the network (XLA's cost
+  analysis of the step written with the reference ops, the same for every
+  mode, since XLA does not count the native kernels' custom calls) divided by
+  (step time x jnp matmul rate).
+
+JAX modes (`DIFFUSION_JAX_OPS`): "native" (oneDNN convolutions and C++
+GroupNorm as XLA FFI custom calls; the default on a 1-device CPU), "fast"
+(pure-XLA custom VJPs) and "reference" (plain lax + autodiff). The process
+starts with `diffusion_jax.ops.allocator.keep_freed_memory()` (as launch.py
+does), which applies to torch as well; `--malloc default` leaves glibc alone.
 
 The implementations are timed in interleaved rounds (torch, fast, reference,
 torch, ...) so that load from other processes hits all of them alike; medians
 are printed. Needs the "bench" extra (torch CPU build and diffusers):
 
-    .venv/bin/pip install torch==2.13.0 diffusers
+    .venv/bin/pip install -e '.[bench,cpu]'
     .venv/bin/python bench/compare_torch.py --batch 128 256 --rounds 3
 """
 
@@ -57,7 +65,11 @@ def _cost_flops(compiled) -> float:
 
 
 def jax_unet(batch: int, mode: str):
-    """Jitted train step and forward of models.create(default_config("unet")) for one ops mode."""
+    """Jitted train step and forward of models.create(default_config("unet")) for one ops mode.
+
+    The FLOP counts returned are those of the reference-ops version of the same
+    functions (lowered, not compiled), so every mode is credited with the same work.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -86,6 +98,11 @@ def jax_unet(batch: int, mode: str):
 
     step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, x, t, target).compile()
     fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile()
+    # New function objects, so that JAX's trace cache cannot hand back the traces made above.
+    os.environ[ops.ENV_VAR] = "reference"
+    step_flops = _cost_flops(jax.jit(lambda *a: train_step(*a)).lower(params, opt_state, x, t, target))
+    fwd_flops = _cost_flops(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t))
+    os.environ[ops.ENV_VAR] = mode
     state = {"params": params, "opt": opt_state}
 
     def run_step():
@@ -96,7 +113,7 @@ def jax_unet(batch: int, mode: str):
         fwd(state["params"], x, t).block_until_ready()
 
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    return run_step, run_fwd, _cost_flops(step), _cost_flops(fwd), n_params
+    return run_step, run_fwd, step_flops, fwd_flops, n_params
 
 
 def jax_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -177,12 +194,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 256], help="batch sizes")
     parser.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds per measurement")
-    parser.add_argument("--modes", nargs="+", default=["fast", "reference"], help="JAX ops modes to time")
+    parser.add_argument("--modes", nargs="+", default=["native", "fast"], help="JAX ops modes to time")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: diffusion_jax.ops.allocator.keep_freed_memory() at start-up")
     parser.add_argument("--train-batch", type=int, nargs="*", default=None,
                         help="batch sizes at which to time the train step (default: all of --batch)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     args = parser.parse_args()
 
+    os.environ["DIFFUSION_JAX_MALLOC"] = args.malloc
+    from diffusion_jax.ops import allocator
+
+    kept = allocator.keep_freed_memory()  # before JAX or torch start their threads
     import jax
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.processor() or platform.machine()}, "
@@ -195,6 +218,10 @@ def main() -> None:
 
         print(f", torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}", end="")
     print()
+    from diffusion_jax.ops import native
+
+    print(f"# malloc: {'keep_freed_memory' if kept else 'glibc defaults'}; native kernels: "
+          f"{'available' if native.available() else native.reason()}")
 
     peak_jax = jax_matmul_gflops()
     print(f"float32 2048^3 matmul: jnp {peak_jax:.0f} GFLOP/s", end="")
@@ -224,12 +251,13 @@ def main() -> None:
                 if name != "torch":
                     gflop = flops[f"{name}/{kind}"] / 1e9
                     achieved = gflop * rate / batch
-                    line += f"   {gflop:7.1f} GFLOP/call (XLA)  {achieved:6.1f} GFLOP/s  MFU {achieved / peak_jax:5.1%}"
+                    line += f"   {gflop:7.1f} GFLOP/call  {achieved:6.1f} GFLOP/s  MFU {achieved / peak_jax:5.1%}"
                     if "torch" in rates:
                         line += f"   x{rate / rates['torch']:.2f} torch"
                 print(line)
-            if "jax-fast" in rates and "jax-reference" in rates:
-                print(f"  fast/reference: x{rates['jax-fast'] / rates['jax-reference']:.2f}")
+            for a, b in (("native", "fast"), ("fast", "reference"), ("native", "reference")):
+                if f"jax-{a}" in rates and f"jax-{b}" in rates:
+                    print(f"  {a}/{b}: x{rates[f'jax-{a}'] / rates[f'jax-{b}']:.2f}")
         print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
 
 

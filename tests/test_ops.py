@@ -1,6 +1,8 @@
-"""Tests for diffusion_jax.ops: fast kernels == reference kernels == float64 oracles.
+"""Tests for diffusion_jax.ops: fast and native kernels == reference kernels == float64 oracles.
 
-Every fast replacement (forward and the gradients wrt x, kernel, scale, bias)
+Every replacement, the pure-XLA "fast" custom VJPs and the "native" XLA FFI
+custom calls (oneDNN convolutions, C++ GroupNorm), forward and the gradients
+wrt x, kernel, scale, bias,
 is compared with (a) `lax.conv_general_dilated` / the reference GroupNorm and
 their autodiff gradients, to 1e-5 relative in float32, and (b) independent
 float64 numpy oracles (direct sums; central finite differences for GroupNorm).
@@ -17,10 +19,23 @@ import pytest
 
 from diffusion_jax import ops
 from diffusion_jax.ops import conv as conv_module
+from diffusion_jax.ops import native
 
 _GEMM_RULE = conv_module.use_gemm_weight_grad  # the real rule, before the fixture below replaces it
 
 RTOL32 = 1e-5
+
+
+def _native_impl(name):
+    """The native implementation, which must have built: CI installs the "cpu" extra (oneDNN)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("native kernels are XLA:CPU custom calls")  # GPU runs of this file
+    assert native.available(), native.reason()
+    return getattr(ops, name)
+
+
+CONV_IMPLS = ["conv2d_fast", "conv2d_native"]
+GN_IMPLS = ["group_norm_fast", "group_norm_native"]
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +115,12 @@ CONV_CASES = [
     (7, 7, 4, 6, 3, (1, 1), ((2, 0), (0, 1))),
     (7, 7, 4, 6, 1, (1, 1), "SAME"),
     (6, 5, 2, 3, 3, (1, 2), "VALID"),
+    # UNet-like shapes, where oneDNN picks its blocked (brgemm) kernels.
+    (14, 14, 64, 64, 3, (1, 1), "SAME"),
+    (14, 14, 1, 32, 3, (1, 1), "SAME"),
+    (14, 14, 32, 1, 3, (1, 1), "SAME"),
+    (14, 14, 32, 64, 3, (2, 2), "SAME"),
+    (7, 7, 96, 64, 1, (1, 1), "SAME"),
 ]
 
 
@@ -140,10 +161,12 @@ def _conv_value_and_grads(impl, x, kernel, g, strides, padding):
     return y, dx, dk
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c[4:]) + str(c[:2]) for c in CONV_CASES])
-def test_conv2d_fast_matches_reference_and_float64(case):
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c[2:]) + str(c[:2]) for c in CONV_CASES])
+def test_conv2d_matches_reference_and_float64(case, impl):
+    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     x, kernel, g, strides, padding = _conv_inputs(case)
-    fast = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_fast, x, k, g, strides, padding))
+    fast = jax.jit(lambda x, k, g: _conv_value_and_grads(impl, x, k, g, strides, padding))
     ref = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_reference, x, k, g, strides, padding))
     got, want = fast(x, kernel, g), ref(x, kernel, g)
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
@@ -153,10 +176,13 @@ def test_conv2d_fast_matches_reference_and_float64(case):
         assert _rel_err(a, c) < RTOL32, (name, _rel_err(a, c))
 
 
+@pytest.mark.parametrize("impl", CONV_IMPLS)
 @pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[4]])
-def test_conv2d_fast_bfloat16(case):
+def test_conv2d_bfloat16(case, impl):
+    # bfloat16 is not a native dtype: conv2d_native hands it to conv2d_fast.
+    impl = getattr(ops, impl)
     x, kernel, g, strides, padding = _conv_inputs(case, jnp.bfloat16, seed=1)
-    got = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_fast, x, k, g, strides, padding))(
+    got = jax.jit(lambda x, k, g: _conv_value_and_grads(impl, x, k, g, strides, padding))(
         x, kernel, g
     )
     want = _conv_value_and_grads(ops.conv2d_reference, x, kernel, g, strides, padding)
@@ -167,7 +193,9 @@ def test_conv2d_fast_bfloat16(case):
         assert _rel_err(a, c) < 2e-2, (name, _rel_err(a, c))
 
 
-def test_conv2d_fast_under_vmap():
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_conv2d_under_vmap(impl):
+    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     # vmap over a leading axis of x and per-example kernels, gradients included.
     case = CONV_CASES[1]
     xs, ks, gs = [], [], []
@@ -179,7 +207,7 @@ def test_conv2d_fast_under_vmap():
     def per_example(impl):
         return jax.jit(jax.vmap(lambda x, k, g: _conv_value_and_grads(impl, x, k, g, strides, padding)))
 
-    got = per_example(ops.conv2d_fast)(x, k, g)
+    got = per_example(impl)(x, k, g)
     want = per_example(ops.conv2d_reference)(x, k, g)
     for i in range(3):
         oracle = np_conv_and_grads(x[i], k[i], g[i], strides, padding)
@@ -237,10 +265,12 @@ def _np_gn_grads_fd(x, scale, bias, g, groups, eps, directions):
     return out
 
 
+@pytest.mark.parametrize("impl", GN_IMPLS)
 @pytest.mark.parametrize("case", GN_CASES, ids=[str(c) for c in GN_CASES])
-def test_group_norm_fast_matches_reference_and_float64(case):
+def test_group_norm_matches_reference_and_float64(case, impl):
+    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     x, scale, bias, g, groups = _gn_inputs(case)
-    got = jax.jit(lambda *a: _gn_value_and_grads(ops.group_norm_fast, *a, groups))(x, scale, bias, g)
+    got = jax.jit(lambda *a: _gn_value_and_grads(impl, *a, groups))(x, scale, bias, g)
     want = jax.jit(lambda *a: _gn_value_and_grads(ops.group_norm_reference, *a, groups))(x, scale, bias, g)
     for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
         assert a.shape == b.shape, name
@@ -256,9 +286,11 @@ def test_group_norm_fast_matches_reference_and_float64(case):
         assert abs(got_dd - want_dd) <= 1e-4 * (1.0 + abs(want_dd)), (which, got_dd, want_dd)
 
 
-def test_group_norm_fast_bfloat16():
+@pytest.mark.parametrize("impl", GN_IMPLS)
+def test_group_norm_bfloat16(impl):
+    impl = getattr(ops, impl)
     x, scale, bias, g, groups = _gn_inputs(GN_CASES[0], jnp.bfloat16, seed=2)
-    got = jax.jit(lambda *a: _gn_value_and_grads(ops.group_norm_fast, *a, groups))(x, scale, bias, g)
+    got = jax.jit(lambda *a: _gn_value_and_grads(impl, *a, groups))(x, scale, bias, g)
     want = _gn_value_and_grads(ops.group_norm_reference, x, scale, bias, g, groups)
     assert got[0].dtype == got[1].dtype == jnp.bfloat16
     assert got[2].dtype == got[3].dtype == jnp.float32
@@ -266,7 +298,9 @@ def test_group_norm_fast_bfloat16():
         assert _rel_err(a, b) < 2e-2, (name, _rel_err(a, b))
 
 
-def test_group_norm_fast_under_vmap():
+@pytest.mark.parametrize("impl", GN_IMPLS)
+def test_group_norm_under_vmap(impl):
+    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     x, scale, bias, g, groups = _gn_inputs(GN_CASES[1], seed=3)
     xs = jnp.stack([x, 2.0 * x + 1.0])
     gs = jnp.stack([g, -g])
@@ -274,14 +308,14 @@ def test_group_norm_fast_under_vmap():
     def batched(impl):
         return jax.jit(jax.vmap(lambda x, g: _gn_value_and_grads(impl, x, scale, bias, g, groups)))
 
-    got, want = batched(ops.group_norm_fast)(xs, gs), batched(ops.group_norm_reference)(xs, gs)
+    got, want = batched(impl)(xs, gs), batched(ops.group_norm_reference)(xs, gs)
     for a, b in zip(got, want):
         assert _rel_err(a, b) < RTOL32
 
 
 def test_group_norm_rejects_bad_groups():
     x = jnp.zeros((1, 2, 2, 6))
-    for impl in (ops.group_norm_fast, ops.group_norm_reference, ops.group_norm):
+    for impl in (ops.group_norm_fast, ops.group_norm_native, ops.group_norm_reference, ops.group_norm):
         with pytest.raises(ValueError, match="num_groups"):
             impl(x, jnp.ones(6), jnp.zeros(6), num_groups=4)
 
@@ -301,8 +335,9 @@ def test_dispatch_env_switch(monkeypatch):
 
         monkeypatch.setattr(ops, name, wrapped)
 
-    for name in ("conv2d_fast", "conv2d_reference", "group_norm_fast", "group_norm_reference"):
-        spy(name, getattr(ops, name))
+    for kind in ("fast", "native", "reference"):
+        for op in ("conv2d", "group_norm"):
+            spy(f"{op}_{kind}", getattr(ops, f"{op}_{kind}"))
     x = jnp.ones((1, 4, 4, 2))
     k = jnp.ones((3, 3, 2, 2))
     s, b = jnp.ones(2), jnp.zeros(2)
@@ -316,8 +351,15 @@ def test_dispatch_env_switch(monkeypatch):
     assert net() == ("conv2d_reference", "group_norm_reference")
     monkeypatch.setenv(ops.ENV_VAR, "fast")
     assert net() == ("conv2d_fast", "group_norm_fast")
+    monkeypatch.setenv(ops.ENV_VAR, "native")
+    assert net() == ("conv2d_native", "group_norm_native")
     monkeypatch.setenv(ops.ENV_VAR, "auto")
-    want = "fast" if jax.default_backend() == "cpu" else "reference"
+    if jax.default_backend() != "cpu":
+        want = "reference"
+    elif jax.device_count() == 1 and native.available():
+        want = "native"
+    else:
+        want = "fast"
     assert net() == (f"conv2d_{want}", f"group_norm_{want}")
     monkeypatch.setenv(ops.ENV_VAR, "turbo")
     with pytest.raises(ValueError, match=ops.ENV_VAR):

@@ -7,12 +7,20 @@ it up.
 
 Dispatch (decided when a function is traced):
 
-* ``DIFFUSION_JAX_OPS`` unset or ``auto``: the fast implementations
-  (`conv2d_fast`, `group_norm_fast`: custom VJPs tuned for XLA:CPU) when
-  ``jax.default_backend() == "cpu"``, the plain XLA reference ones on GPU/TPU.
+* ``DIFFUSION_JAX_OPS`` unset or ``auto``: on GPU/TPU the plain XLA reference
+  implementations. On CPU, the native kernels (`conv2d_native`,
+  `group_norm_native`: oneDNN convolutions and C++ GroupNorm as XLA FFI
+  custom calls, `diffusion_jax.ops.native`) when they are available and the
+  process sees a single device; otherwise the pure-XLA fast ones
+  (`conv2d_fast`, `group_norm_fast`: custom VJPs tuned for XLA:CPU). The
+  custom calls have no SPMD partitioning rule, so with several CPU devices
+  (``--xla_force_host_platform_device_count``, multi-process CPU runs) XLA
+  would gather a sharded batch onto every device; the XLA path partitions.
 * ``DIFFUSION_JAX_OPS=reference``: always the reference (plain `lax` + autodiff),
   for debugging and for speed comparisons.
-* ``DIFFUSION_JAX_OPS=fast``: always the fast implementations.
+* ``DIFFUSION_JAX_OPS=fast``: always the pure-XLA fast implementations.
+* ``DIFFUSION_JAX_OPS=native``: the native kernels wherever they apply
+  (float32; they fall back to the fast ones otherwise).
 
 The variable is read at trace time, so a benchmark can set it in
 ``os.environ`` before tracing each variant; functions already jitted keep the
@@ -28,11 +36,12 @@ from collections.abc import Sequence
 
 import jax
 
-from diffusion_jax.ops.conv import conv2d_fast, conv2d_reference
-from diffusion_jax.ops.norm import group_norm_fast, group_norm_reference
+from diffusion_jax.ops import native
+from diffusion_jax.ops.conv import conv2d_fast, conv2d_native, conv2d_reference
+from diffusion_jax.ops.norm import group_norm_fast, group_norm_native, group_norm_reference
 
 ENV_VAR = "DIFFUSION_JAX_OPS"
-MODES = ("auto", "reference", "fast")
+MODES = ("auto", "reference", "fast", "native")
 
 
 def _check_mode(mode: str) -> str:
@@ -41,12 +50,22 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def use_fast() -> bool:
-    """True when the fast (CPU-tuned) kernels are selected for the next trace."""
+def selected() -> str:
+    """The implementation the next trace uses: "reference", "fast" or "native"."""
     mode = _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
-    if mode == "auto":
-        return jax.default_backend() == "cpu"
-    return mode == "fast"
+    if mode != "auto":
+        return mode
+    if jax.default_backend() != "cpu":
+        return "reference"
+    if jax.device_count() == 1 and native.available():
+        return "native"
+    return "fast"
+
+
+def use_fast() -> bool:
+    """True when a CPU-tuned implementation (fast or native) is selected for the next trace."""
+    return selected() != "reference"
+
 
 
 def conv2d(
@@ -57,7 +76,7 @@ def conv2d(
     padding: str | Sequence[tuple[int, int]] = "SAME",
 ) -> jax.Array:
     """y[n, i, j, o] = sum_{h, w, c} x[n, s*i + h, s*j + w, c] * kernel[h, w, c, o] (NHWC x HWIO)."""
-    impl = conv2d_fast if use_fast() else conv2d_reference
+    impl = globals()[f"conv2d_{selected()}"]
     return impl(x, kernel, strides=strides, padding=padding)
 
 
@@ -70,7 +89,7 @@ def group_norm(
     epsilon: float = 1e-5,
 ) -> jax.Array:
     """GroupNorm (Wu & He 2018) over NHWC; float32 statistics, output in x's dtype."""
-    impl = group_norm_fast if use_fast() else group_norm_reference
+    impl = globals()[f"group_norm_{selected()}"]
     return impl(x, scale, bias, num_groups=num_groups, epsilon=epsilon)
 
 
@@ -79,9 +98,13 @@ __all__ = [
     "MODES",
     "conv2d",
     "conv2d_fast",
+    "conv2d_native",
     "conv2d_reference",
     "group_norm",
     "group_norm_fast",
+    "group_norm_native",
     "group_norm_reference",
+    "native",
+    "selected",
     "use_fast",
 ]

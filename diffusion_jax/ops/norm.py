@@ -19,6 +19,9 @@ with mu and var taken over H, W and the C / G channels of group g = c // (C / G)
 
   which needs two per-(n, c) sums, sum_hw dy and sum_hw dy * (x - mu), from
   one read of x and dy.
+* `group_norm_native`: the same forward and closed-form backward pass as
+  hand-written C++ loops behind XLA FFI custom calls
+  (`diffusion_jax.ops.native`, `cpu_kernels.cc`), for float32 on XLA:CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax.ops import native
 
 
 def _check_groups(c: int, num_groups: int) -> None:
@@ -135,3 +140,50 @@ def group_norm_fast(
         raise ValueError(f"group_norm: x must be NHWC (4-D), got shape {x.shape}")
     _check_groups(x.shape[-1], num_groups)
     return _group_norm_fast(x, scale, bias, int(num_groups), float(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm_native(x, scale, bias, num_groups, epsilon):
+    return native.group_norm_forward(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_norm_native_fwd(x, scale, bias, num_groups, epsilon):
+    y, mean, rstd = native.group_norm_forward(x, scale, bias, num_groups, epsilon)
+    return y, (x, scale, mean, rstd)
+
+
+def _group_norm_native_bwd(num_groups, epsilon, residuals, dy):
+    x, scale, mean, rstd = residuals
+    return native.group_norm_backward(x, scale, mean, rstd, dy, num_groups)
+
+
+_group_norm_native.defvjp(_group_norm_native_fwd, _group_norm_native_bwd)
+
+
+def group_norm_native(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    *,
+    num_groups: int,
+    epsilon: float = 1e-5,
+) -> jax.Array:
+    """Same function as `group_norm_reference` as native XLA:CPU custom calls.
+
+    Float32 with [C] scale and bias only; anything else, or a host without the
+    native kernels, takes `group_norm_fast`.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"group_norm: x must be NHWC (4-D), got shape {x.shape}")
+    _check_groups(x.shape[-1], num_groups)
+    c = x.shape[-1]
+    if (
+        scale.shape != (c,)
+        or bias.shape != (c,)
+        or x.dtype != jnp.float32
+        or scale.dtype != jnp.float32
+        or bias.dtype != jnp.float32
+        or not native.available()
+    ):
+        return group_norm_fast(x, scale, bias, num_groups=num_groups, epsilon=epsilon)
+    return _group_norm_native(x, scale, bias, int(num_groups), float(epsilon))

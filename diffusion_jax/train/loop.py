@@ -24,7 +24,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from diffusion_jax import models
+from diffusion_jax import models, ops
 from diffusion_jax.train import checkpoints, parallel, sampling
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train.logging import MetricWriter, save_image_grid
@@ -96,6 +96,10 @@ def train(config: Any, workdir: str, *,
     model = models.create(config.model)
     schedule = sampling.make_schedule(config)
     tx, lr_schedule = make_optimizer(tc)
+    kernels = ops.selected()
+    logging.info("convolution / normalisation kernels: %s%s", kernels,
+                 f" (native unavailable: {ops.native.reason()})"
+                 if kernels == "fast" and not ops.native.available() else "")
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)

@@ -1,0 +1,206 @@
+"""Native XLA:CPU kernels: oneDNN convolutions and a hand-written GroupNorm.
+
+`cpu_kernels.cc` (next to this file) holds XLA FFI handlers for the three
+passes of a 2-D convolution (oneDNN primitives, NHWC x HWIO, float32) and for
+GroupNorm's forward and backward passes. This module compiles it on first use
+with the system C++ compiler against
+
+* oneDNN's library and headers from the ``cpu`` extra
+  (``pip install 'diffusion_jax[cpu]'``: the ``onednn-cpu-gomp`` and
+  ``onednn-devel-cpu-gomp`` wheels, which put ``libdnnl.so`` under
+  ``<prefix>/lib`` and the headers under ``<prefix>/include``), and
+* the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir`),
+
+caches the shared library under ``$DIFFUSION_JAX_CACHE`` (default
+``~/.cache/diffusion_jax``; the file name hashes the source, the compiler
+command and the jaxlib version; written to a temporary name and renamed, so a
+crash never leaves a half-written library behind) and registers the handlers
+with `jax.ffi.register_ffi_target` for the CPU platform.
+
+`available()` says whether this worked; when it did not (no compiler, no
+oneDNN, a non-x86 host), `reason()` says why, and `diffusion_jax.ops` falls
+back to its pure-XLA implementations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+_TARGETS = {
+    "dj_conv2d_forward": "DjConv2dForward",
+    "dj_conv2d_backward_data": "DjConv2dBackwardData",
+    "dj_conv2d_backward_weights": "DjConv2dBackwardWeights",
+    "dj_group_norm_forward": "DjGroupNormForward",
+    "dj_group_norm_backward": "DjGroupNormBackward",
+}
+CACHE_ENV_VAR = "DIFFUSION_JAX_CACHE"
+
+
+def _prefixes() -> list[Path]:
+    """Where pip puts a wheel's data files (``lib/``, ``include/``): the env, the user base."""
+    out = [Path(sys.prefix), Path(sys.base_prefix), Path(site.USER_BASE or "")]
+    if os.environ.get("DNNL_ROOT"):
+        out.insert(0, Path(os.environ["DNNL_ROOT"]))
+    return [p for p in out if str(p)]
+
+
+def _find_onednn() -> tuple[Path, Path]:
+    for prefix in _prefixes():
+        lib, inc = prefix / "lib", prefix / "include"
+        if (lib / "libdnnl.so.3").exists() and (inc / "oneapi" / "dnnl" / "dnnl.hpp").exists():
+            return lib, inc
+    raise RuntimeError(
+        "oneDNN not found (looked for lib/libdnnl.so.3 and include/oneapi/dnnl/dnnl.hpp under "
+        f"{[str(p) for p in _prefixes()]}); install it with: pip install 'diffusion_jax[cpu]' "
+        "or set DNNL_ROOT"
+    )
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "diffusion_jax")
+
+
+def _cpu_signature() -> str:
+    """Model and flags of this CPU (the library is built with -march=native)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build() -> Path:
+    if sys.platform != "linux":
+        raise RuntimeError(f"native kernels are built on Linux only, this is {sys.platform}")
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    lib_dir, inc_dir = _find_onednn()
+    cmd = [
+        compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+        "-w", f"-I{jax.ffi.include_dir()}", f"-I{inc_dir}", str(_SOURCE),
+        f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-l:libdnnl.so.3",
+    ]  # fmt: skip
+    import jaxlib
+
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), *cmd, jaxlib.__version__, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds, loads and registers the kernels once; returns None on success, else the reason."""
+    if os.environ.get("DIFFUSION_JAX_NATIVE", "1").strip() == "0":
+        return "disabled by DIFFUSION_JAX_NATIVE=0"
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            )
+    except Exception as e:  # noqa: BLE001 - any failure means "fall back to XLA"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def available() -> bool:
+    """True when the native CPU kernels are built and registered (builds them on first call)."""
+    return _load() is None
+
+
+def reason() -> str | None:
+    """Why the native kernels are unavailable (None when they are available)."""
+    return _load()
+
+
+def warn_if_unavailable() -> None:
+    if not available():
+        warnings.warn(
+            f"diffusion_jax: native CPU kernels unavailable ({reason()}); using the XLA path",
+            stacklevel=3,
+        )
+
+
+def _conv_attrs(strides, pads) -> dict[str, np.int64]:
+    (pt, pb), (pl, pr) = pads
+    return dict(
+        sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+        pt=np.int64(pt), pl=np.int64(pl), pb=np.int64(pb), pr=np.int64(pr),
+    )  # fmt: skip
+
+
+def conv2d_forward(x, kernel, out_shape, strides, pads):
+    """y = conv(x, kernel) by oneDNN; x NHWC, kernel HWIO, float32."""
+    return jax.ffi.ffi_call(
+        "dj_conv2d_forward", jax.ShapeDtypeStruct(out_shape, np.float32),
+        vmap_method="sequential",
+    )(x, kernel, **_conv_attrs(strides, pads))  # fmt: skip
+
+
+def conv2d_backward_data(dy, kernel, x_shape, strides, pads):
+    """dL/dx of conv for output gradient dy."""
+    return jax.ffi.ffi_call(
+        "dj_conv2d_backward_data", jax.ShapeDtypeStruct(x_shape, np.float32),
+        vmap_method="sequential",
+    )(dy, kernel, **_conv_attrs(strides, pads))  # fmt: skip
+
+
+def conv2d_backward_weights(x, dy, kernel_shape, strides, pads):
+    """dL/dkernel of conv for output gradient dy (HWIO)."""
+    return jax.ffi.ffi_call(
+        "dj_conv2d_backward_weights", jax.ShapeDtypeStruct(kernel_shape, np.float32),
+        vmap_method="sequential",
+    )(x, dy, **_conv_attrs(strides, pads))  # fmt: skip
+
+
+def group_norm_forward(x, scale, bias, num_groups, epsilon):
+    """(y, mean[N, G], rstd[N, G]) of GroupNorm over NHWC float32 x."""
+    n = x.shape[0]
+    stats = jax.ShapeDtypeStruct((n, num_groups), np.float32)
+    return jax.ffi.ffi_call(
+        "dj_group_norm_forward",
+        (jax.ShapeDtypeStruct(x.shape, np.float32), stats, stats),
+        vmap_method="sequential",
+    )(x, scale, bias, groups=np.int64(num_groups), eps=np.float32(epsilon))
+
+
+def group_norm_backward(x, scale, mean, rstd, dy, num_groups):
+    """(dx, dscale, dbias) of GroupNorm from the forward pass's mean and rstd."""
+    c = x.shape[-1]
+    vec = jax.ShapeDtypeStruct((c,), np.float32)
+    return jax.ffi.ffi_call(
+        "dj_group_norm_backward",
+        (jax.ShapeDtypeStruct(x.shape, np.float32), vec, vec),
+        vmap_method="sequential",
+    )(x, scale, mean, rstd, dy, groups=np.int64(num_groups))
