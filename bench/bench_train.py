@@ -4,7 +4,7 @@
 
 Prints (medians over --steps timed steps, after one warm-up step):
 images/s, step time (wall and process CPU time), compile time, peak memory, FLOPs per step from XLA's cost
-analysis, this machine's measured float32 matmul peak and the model-FLOP
+analysis (of the step with the reference ops), this machine's measured float32 matmul peak and the model-FLOP
 utilisation MFU = (FLOPs per step / step time) / matmul peak.
 """
 
@@ -17,13 +17,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffusion_jax.ops import allocator  # noqa: E402
+
+allocator.keep_freed_memory()  # as launch.py, before JAX starts its threads
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import models  # noqa: E402
+from diffusion_jax import models, ops  # noqa: E402
 from diffusion_jax.train import config as config_lib, parallel, sampling  # noqa: E402
 from diffusion_jax.train.state import create_train_state, make_optimizer, num_params  # noqa: E402
 from diffusion_jax.train.step import jit_train_step, make_train_step  # noqa: E402
@@ -69,7 +73,13 @@ def main(argv):
     t = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
+    # FLOPs of the same step traced with the reference ops (XLA does not count the native
+    # kernels' custom calls); a fresh step function, so no trace cache can return the one above.
+    kernels = ops.selected()
+    os.environ[ops.ENV_VAR] = "reference"
+    ref_step = jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh)
+    cost = ref_step.lower(state, batch, key).cost_analysis()
+    os.environ[ops.ENV_VAR] = kernels
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan")))
 
@@ -90,12 +100,13 @@ def main(argv):
 
     print(f"config: {config.experiment}  model: {mc.name} {num_params(state.params) / 1e6:.2f}M params  "
           f"batch {b}  devices {jax.device_count()} ({jax.devices()[0].platform})")
+    print(f"kernels          {kernels}")
     print(f"compile_s        {compile_s:.1f}")
     print(f"step_s (median)  {step_s:.4f}   (min {min(times):.4f}, max {max(times):.4f}, n={len(times)})")
     print(f"cpu_s_per_step   {float(np.median(cpu_times)):.4f}  (process CPU time, all threads; "
           f"{os.cpu_count()} cores)")
     print(f"images_per_s     {b / step_s:.1f}")
-    print(f"flops_per_step   {flops:.3e}  (XLA cost analysis)")
+    print(f"flops_per_step   {flops:.3e}  (XLA cost analysis, reference ops)")
     print(f"matmul_peak      {peak / 1e9:.1f} GFLOP/s  (float32 {FLAGS.matmul_size}^2 matmul)")
     print(f"mfu              {flops / step_s / peak:.3f}")
     if peak_bytes is not None:

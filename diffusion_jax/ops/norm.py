@@ -170,15 +170,17 @@ def group_norm_native(
 ) -> jax.Array:
     """Same function as `group_norm_reference` as native XLA:CPU custom calls.
 
-    Float32 with [C] scale and bias only; anything else, or a host without the
-    native kernels, takes `group_norm_fast`.
+    Float32 with [C] scale and bias on maps larger than 1x1 only; anything else
+    (the DiT's LayerNorm, [tokens, 1, 1, D], measured faster as XLA's fusion),
+    or a host without the native kernels, takes `group_norm_fast`.
     """
     if x.ndim != 4:
         raise ValueError(f"group_norm: x must be NHWC (4-D), got shape {x.shape}")
     _check_groups(x.shape[-1], num_groups)
     c = x.shape[-1]
     if (
-        scale.shape != (c,)
+        x.shape[1] * x.shape[2] == 1  # LayerNorm ([tokens, 1, 1, D]): XLA's fusion is faster
+        or scale.shape != (c,)
         or bias.shape != (c,)
         or x.dtype != jnp.float32
         or scale.dtype != jnp.float32
