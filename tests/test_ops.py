@@ -374,3 +374,63 @@ def test_conv2d_fast_with_xla_weight_grad(monkeypatch):
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
     for a, c in zip(got, oracle):
         assert _rel_err(a, c) < RTOL32
+
+
+# ----------------------------------------------------------------------------
+# native kernels: build, cache and fallback
+# ----------------------------------------------------------------------------
+
+
+def test_native_falls_back_to_fast_when_unavailable(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    x, kernel, g, strides, padding = _conv_inputs(CONV_CASES[0])
+    got = _conv_value_and_grads(ops.conv2d_native, x, kernel, g, strides, padding)
+    oracle = np_conv_and_grads(x, kernel, g, strides, padding)
+    for a, c in zip(got, oracle):
+        assert _rel_err(a, c) < RTOL32
+    jaxpr = str(jax.make_jaxpr(lambda x, k: ops.conv2d_native(x, k))(x, kernel))
+    assert "dj_conv2d" not in jaxpr
+    xs, scale, bias, _, groups = _gn_inputs(GN_CASES[0])
+    jaxpr = str(jax.make_jaxpr(lambda x: ops.group_norm_native(x, scale, bias, num_groups=groups))(xs))
+    assert "dj_group_norm" not in jaxpr
+
+
+def test_native_missing_onednn_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_prefixes", lambda: [tmp_path])
+    with pytest.raises(RuntimeError, match=r"pip install 'diffusion_jax\[cpu\]'"):
+        native._find_onednn()
+
+
+def test_native_failed_compile_leaves_no_file_in_cache(monkeypatch, tmp_path):
+    if jax.default_backend() != "cpu" or not native.available():
+        pytest.skip("needs the CPU build environment of the native kernels")
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="compiling cpu_kernels.cc failed"):
+        native._build()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_native_kernels_are_in_the_traced_program():
+    impl = _native_impl("conv2d_native")
+    x, kernel, g, strides, padding = _conv_inputs(CONV_CASES[0])
+    text = jax.jit(lambda x, k, g: _conv_value_and_grads(impl, x, k, g, strides, padding)).lower(
+        x, kernel, g
+    ).as_text()
+    for target in ("dj_conv2d_forward", "dj_conv2d_backward_data", "dj_conv2d_backward_weights"):
+        assert target in text
+
+
+@pytest.mark.parametrize("setting, want", [("keep", "True"), ("default", "False")])
+def test_keep_freed_memory_in_a_fresh_process(setting, want):
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt(3) is glibc's")
+    code = "from diffusion_jax.ops import allocator; print(allocator.keep_freed_memory())"
+    env = dict(os.environ, DIFFUSION_JAX_MALLOC=setting)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want

@@ -141,6 +141,16 @@ ffi::Error Guard(F&& body) {
   }
 }
 
+// The user's HWIO kernel as a primitive wants it: as is, or reordered into a temporary.
+memory KernelIn(const ConvPrims& p, const memory::desc& want, bool reorder,
+                const dnnl::reorder& to_want, ffi::Buffer<ffi::F32>& w, dnnl::stream& s) {
+  memory user(p.w_user_md, Engine(), w.typed_data());
+  if (!reorder) return user;
+  memory out(want, Engine());
+  to_want.execute(s, user, out);
+  return out;
+}
+
 ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                        int64_t pl, int64_t pb, int64_t pr) {
@@ -153,12 +163,7 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     dnnl::stream s(eng);
     memory xm(p->x_md, eng, x.typed_data());
     memory ym(p->y_md, eng, y->typed_data());
-    memory wu(p->w_user_md, eng, w.typed_data());
-    memory wm = wu;
-    if (p->fwd_reorder) {
-      wm = memory(p->fwd_pd.weights_desc(), eng);
-      p->fwd_w_in.execute(s, wu, wm);
-    }
+    memory wm = KernelIn(*p, p->fwd_pd.weights_desc(), p->fwd_reorder, p->fwd_w_in, w, s);
     p->fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
     s.wait();
   });
@@ -176,12 +181,8 @@ ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
     dnnl::stream s(eng);
     memory dym(p->y_md, eng, dy.typed_data());
     memory dxm(p->x_md, eng, dx->typed_data());
-    memory wu(p->w_user_md, eng, w.typed_data());
-    memory wm = wu;
-    if (p->bwd_data_reorder) {
-      wm = memory(p->bwd_data_pd.weights_desc(), eng);
-      p->bwd_data_w_in.execute(s, wu, wm);
-    }
+    memory wm = KernelIn(*p, p->bwd_data_pd.weights_desc(), p->bwd_data_reorder,
+                         p->bwd_data_w_in, w, s);
     p->bwd_data.execute(s,
                         {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm}});
     s.wait();

@@ -152,36 +152,27 @@ def warn_if_unavailable() -> None:
         )
 
 
-def _conv_attrs(strides, pads) -> dict[str, np.int64]:
+def _conv_call(target: str, a, b, out_shape, strides, pads):
     (pt, pb), (pl, pr) = pads
-    return dict(
-        sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-        pt=np.int64(pt), pl=np.int64(pl), pb=np.int64(pb), pr=np.int64(pr),
-    )  # fmt: skip
+    return jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(tuple(out_shape), np.float32), vmap_method="sequential"
+    )(a, b, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+      pt=np.int64(pt), pl=np.int64(pl), pb=np.int64(pb), pr=np.int64(pr))  # fmt: skip
 
 
 def conv2d_forward(x, kernel, out_shape, strides, pads):
     """y = conv(x, kernel) by oneDNN; x NHWC, kernel HWIO, float32."""
-    return jax.ffi.ffi_call(
-        "dj_conv2d_forward", jax.ShapeDtypeStruct(out_shape, np.float32),
-        vmap_method="sequential",
-    )(x, kernel, **_conv_attrs(strides, pads))  # fmt: skip
+    return _conv_call("dj_conv2d_forward", x, kernel, out_shape, strides, pads)
 
 
 def conv2d_backward_data(dy, kernel, x_shape, strides, pads):
     """dL/dx of conv for output gradient dy."""
-    return jax.ffi.ffi_call(
-        "dj_conv2d_backward_data", jax.ShapeDtypeStruct(x_shape, np.float32),
-        vmap_method="sequential",
-    )(dy, kernel, **_conv_attrs(strides, pads))  # fmt: skip
+    return _conv_call("dj_conv2d_backward_data", dy, kernel, x_shape, strides, pads)
 
 
 def conv2d_backward_weights(x, dy, kernel_shape, strides, pads):
     """dL/dkernel of conv for output gradient dy (HWIO)."""
-    return jax.ffi.ffi_call(
-        "dj_conv2d_backward_weights", jax.ShapeDtypeStruct(kernel_shape, np.float32),
-        vmap_method="sequential",
-    )(x, dy, **_conv_attrs(strides, pads))  # fmt: skip
+    return _conv_call("dj_conv2d_backward_weights", x, dy, kernel_shape, strides, pads)
 
 
 def group_norm_forward(x, scale, bias, num_groups, epsilon):
