@@ -382,28 +382,20 @@ ffi::Error GroupNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scal
 
 }  // namespace
 
-#define DJ_CONV_ATTRS                                                                 \
-  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl") \
-      .Attr<int64_t>("pb")                                                            \
+// The three convolution passes share one signature: two float32 operands, one
+// result, and the strides and explicit (lo, hi) paddings as attributes.
+#define DJ_CONV_BINDING                                                              \
+  ffi::Ffi::Bind()                                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                  \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                  \
+      .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl") \
+      .Attr<int64_t>("pb")                                                           \
       .Attr<int64_t>("pr")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConv2dForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() DJ_CONV_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConv2dBackwardData, ConvBackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() DJ_CONV_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConv2dBackwardWeights, ConvBackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() DJ_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConv2dForward, ConvForward, DJ_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConv2dBackwardData, ConvBackwardData, DJ_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConv2dBackwardWeights, ConvBackwardWeights, DJ_CONV_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGroupNormForward, GroupNormForward,
                               ffi::Ffi::Bind()
