@@ -18,8 +18,9 @@
 //   backward  with gs = dy*scale, xh = (x - mu) r, M = H*W*C/G:
 //             dx = r (gs - mean_g(gs) - xh mean_g(gs xh)),
 //             dscale = sum_{n,h,w} dy xh, dbias = sum_{n,h,w} dy.
-// Statistics and sums are accumulated in double per (n, c) then folded into
-// groups, so the result does not depend on the thread split.
+// Per-(n, c) sums are taken in float over blocks of 64 pixels and added up
+// across blocks in double (in the order threads finish, so a double's last
+// bits may differ between runs), then folded into groups.
 
 #include <omp.h>
 
