@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ allocator.keep_freed_memory()  # as launch.py, before JAX starts its threads
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from flops import reference_flops  # noqa: E402
 
 from diffusion_jax import models, ops  # noqa: E402
 
@@ -56,10 +57,6 @@ def compile_stats(jitted, *args):
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):  # older jax returned a list of dicts
-        cost = cost[0] if cost else {}
-    flops = float((cost or {}).get("flops", float("nan")))
     mem = compiled.memory_analysis()
     peak = float("nan")
     if mem is not None:
@@ -67,14 +64,7 @@ def compile_stats(jitted, *args):
             mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes
         ) / 2**20
-    return compiled, seconds, flops, peak
-
-
-def reference_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan")))
+    return compiled, seconds, peak
 
 
 def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
@@ -104,31 +94,21 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
 
         return jax.value_and_grad(loss)(params)
 
-    # FLOPs of the reference-ops network (XLA does not count the native kernels' custom calls);
-    # fresh function objects so that JAX's trace cache cannot return the traces above.
-    mode = os.environ.get(ops.ENV_VAR)
-    os.environ[ops.ENV_VAR] = "reference"
-    ref_flops = [
-        reference_flops(lambda *a: forward.__wrapped__(*a), params, x, t),
-        reference_flops(lambda *a: forward_backward.__wrapped__(*a), params, x, t, eps, jax.random.key(1)),
-    ]
-    if mode is None:
-        del os.environ[ops.ENV_VAR]
-    else:
-        os.environ[ops.ENV_VAR] = mode
-
+    # FLOPs of the reference-ops network, from fresh function objects (bench/flops.py).
     row = {"model": name, "params": n_params, "kernels": ops.selected()}
+    row["fwd_gflop"] = reference_flops(lambda: jax.jit(lambda *a: forward.__wrapped__(*a)).lower(params, x, t))
+    row["fb_gflop"] = reference_flops(
+        lambda: jax.jit(lambda *a: forward_backward.__wrapped__(*a)).lower(params, x, t, eps, jax.random.key(1)))
     rss0 = max_rss_mib()
-    fwd, row["fwd_compile_s"], row["fwd_gflop"], row["fwd_xla_mib"] = compile_stats(forward, params, x, t)
+    fwd, row["fwd_compile_s"], row["fwd_xla_mib"] = compile_stats(forward, params, x, t)
     ts = timed(fwd, params, x, t, steps=steps)
     row["fwd_img_s"] = batch / statistics.median(ts)
     args = (params, x, t, eps, jax.random.key(1))
-    fb, row["fb_compile_s"], row["fb_gflop"], row["fb_xla_mib"] = compile_stats(forward_backward, *args)
+    fb, row["fb_compile_s"], row["fb_xla_mib"] = compile_stats(forward_backward, *args)
     ts_fb = timed(fb, *args, steps=steps)
     row["fb_img_s"] = batch / statistics.median(ts_fb)
     row["rss_delta_mib"] = max_rss_mib() - rss0
     row["max_rss_mib"] = max_rss_mib()
-    row["fwd_gflop"], row["fb_gflop"] = ref_flops
     row["fwd_gflop_s"] = row["fwd_gflop"] / 1e9 / statistics.median(ts)
     row["fb_gflop_s"] = row["fb_gflop"] / 1e9 / statistics.median(ts_fb)
     return row

@@ -64,10 +64,43 @@ def _interleaved(fns: dict, args: tuple, rounds: int) -> dict[str, float]:
 IMPLS = ("reference", "fast", "native")
 
 
+def _time_impls(op: str, call, x, params: tuple, dy, rounds: int) -> dict[str, float]:
+    """Median seconds of forward (f_<impl>) and forward+backward (fb_<impl>) of ops.<op>_<impl>.
+
+    `call(impl, x, *params)` applies one implementation; the backward pass is
+    the VJP wrt x and every parameter, for output gradient dy.
+    """
+    def pair(impl):
+        def fwd(x, dy):
+            return call(impl, x, *params)
+
+        def fb(x, dy):
+            y, vjp = jax.vjp(lambda *a: call(impl, *a), x, *params)
+            return y, vjp(dy)
+
+        return jax.jit(fwd), jax.jit(fb)
+
+    fns = {}
+    for i in IMPLS:
+        fns[f"f_{i}"], fns[f"fb_{i}"] = pair(getattr(ops, f"{op}_{i}"))
+    return _interleaved(fns, (x, dy), rounds)
+
+
+def _header(width: int) -> str:
+    return (f"{'shape':{width}s} " + " ".join(f"{'fwd ' + i[:3]:>8s}" for i in IMPLS) + " | "
+            + " ".join(f"{'f+b ' + i[:3]:>8s}" for i in IMPLS) + f" | {'nat/ref':>7s}")
+
+
+def _row(name: str, width: int, t: dict[str, float], fwd_value, fb_value) -> str:
+    """One line: fwd_value(seconds) and fb_value(seconds) per implementation, then the speed-up."""
+    return (f"{name:{width}s} " + " ".join(f"{fwd_value(t[f'f_{i}']):8.1f}" for i in IMPLS) + " | "
+            + " ".join(f"{fb_value(t[f'fb_{i}']):8.1f}" for i in IMPLS)
+            + f" | {t['fb_reference'] / t['fb_native']:7.2f}")
+
+
 def bench_conv(batch: int, rounds: int) -> None:
     print(f"conv2d, batch {batch}: GFLOP/s (median of {rounds}) of forward, forward+backward (forward, dx, dW)")
-    print(f"{'shape':24s} " + " ".join(f"{'fwd ' + i[:3]:>8s}" for i in IMPLS) + " | "
-          + " ".join(f"{'f+b ' + i[:3]:>8s}" for i in IMPLS) + f" | {'nat/ref':>7s}")
+    print(_header(24))
     for h, c, o, k, s in CONV_SHAPES:
         kx, kk, kg = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(kx, (batch, h, h, c))
@@ -75,56 +108,21 @@ def bench_conv(batch: int, rounds: int) -> None:
         ho = -(-h // s)
         dy = jax.random.normal(kg, (batch, ho, ho, o))
         flop = 2 * batch * ho * ho * k * k * c * o / 1e9
-
-        def fwd(impl):
-            return lambda x, dy: impl(x, kernel, strides=(s, s))
-
-        def fb(impl):
-            def f(x, dy):
-                y, vjp = jax.vjp(lambda x, w: impl(x, w, strides=(s, s)), x, kernel)
-                return y, vjp(dy)
-
-            return f
-
-        fns = {}
-        for i in IMPLS:
-            impl = getattr(ops, f"conv2d_{i}")
-            fns[f"f_{i}"], fns[f"fb_{i}"] = jax.jit(fwd(impl)), jax.jit(fb(impl))
-        t = _interleaved(fns, (x, dy), rounds)
-        name = f"{h}x{h}x{c}->{o} {k}x{k} s{s}"
-        print(f"{name:24s} " + " ".join(f"{flop / t[f'f_{i}']:8.1f}" for i in IMPLS) + " | "
-              + " ".join(f"{3 * flop / t[f'fb_{i}']:8.1f}" for i in IMPLS)
-              + f" | {t['fb_reference'] / t['fb_native']:7.2f}", flush=True)
+        t = _time_impls("conv2d", lambda impl, x, w: impl(x, w, strides=(s, s)), x, (kernel,), dy, rounds)
+        print(_row(f"{h}x{h}x{c}->{o} {k}x{k} s{s}", 24, t, lambda sec: flop / sec, lambda sec: 3 * flop / sec),
+              flush=True)
 
 
 def bench_group_norm(batch: int, rounds: int) -> None:
     print(f"\ngroup_norm (32 groups), batch {batch}: milliseconds (median of {rounds})")
-    print(f"{'shape':16s} " + " ".join(f"{'fwd ' + i[:3]:>8s}" for i in IMPLS) + " | "
-          + " ".join(f"{'f+b ' + i[:3]:>8s}" for i in IMPLS) + f" | {'nat/ref':>7s}")
+    print(_header(16))
     for h, c in GN_SHAPES:
         kx, kg = jax.random.split(jax.random.key(1))
         x = jax.random.normal(kx, (batch, h, h, c))
         dy = jax.random.normal(kg, x.shape)
-        scale, bias = jnp.ones((c,)), jnp.zeros((c,))
-
-        def fwd(impl):
-            return lambda x, dy: impl(x, scale, bias, num_groups=32)
-
-        def fb(impl):
-            def f(x, dy):
-                y, vjp = jax.vjp(lambda x, s, b: impl(x, s, b, num_groups=32), x, scale, bias)
-                return y, vjp(dy)
-
-            return f
-
-        fns = {}
-        for i in IMPLS:
-            impl = getattr(ops, f"group_norm_{i}")
-            fns[f"f_{i}"], fns[f"fb_{i}"] = jax.jit(fwd(impl)), jax.jit(fb(impl))
-        t = _interleaved(fns, (x, dy), rounds)
-        print(f"{f'{h}x{h}x{c}':16s} " + " ".join(f"{1e3 * t[f'f_{i}']:8.1f}" for i in IMPLS) + " | "
-              + " ".join(f"{1e3 * t[f'fb_{i}']:8.1f}" for i in IMPLS)
-              + f" | {t['fb_reference'] / t['fb_native']:7.2f}", flush=True)
+        params = (jnp.ones((c,)), jnp.zeros((c,)))
+        t = _time_impls("group_norm", lambda impl, x, s, b: impl(x, s, b, num_groups=32), x, params, dy, rounds)
+        print(_row(f"{h}x{h}x{c}", 16, t, lambda sec: 1e3 * sec, lambda sec: 1e3 * sec), flush=True)
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from flops import reference_flops  # noqa: E402
+
 from diffusion_jax import models, ops  # noqa: E402
 from diffusion_jax.train import config as config_lib, parallel, sampling  # noqa: E402
 from diffusion_jax.train.state import create_train_state, make_optimizer, num_params  # noqa: E402
@@ -73,15 +75,10 @@ def main(argv):
     t = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
-    # FLOPs of the same step traced with the reference ops (XLA does not count the native
-    # kernels' custom calls); a fresh step function, so no trace cache can return the one above.
+    # FLOPs of the same step with the reference ops, from a fresh step function (bench/flops.py).
     kernels = ops.selected()
-    os.environ[ops.ENV_VAR] = "reference"
-    ref_step = jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh)
-    cost = ref_step.lower(state, batch, key).cost_analysis()
-    os.environ[ops.ENV_VAR] = kernels
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan")))
+    flops = reference_flops(
+        lambda: jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh).lower(state, batch, key))
 
     state, m = compiled(state, batch, key)  # warm-up
     jax.block_until_ready(m)

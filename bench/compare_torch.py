@@ -8,6 +8,8 @@ dropout. One run prints, for each batch size:
 * train step (forward + backward + Adam) images/s and forward images/s for
   torch, JAX with `DIFFUSION_JAX_OPS=fast` and JAX with `=reference`, and the
   JAX/torch ratios;
+* the minor page faults of the process per call (what
+  `diffusion_jax.ops.allocator.keep_freed_memory()` removes);
 * the float32 2048^3 matmul rate of jnp and of torch (the machine's practical
   peak), and model-FLOP utilisation: the FLOPs of the network (XLA's cost
   analysis of the step written with the reference ops, the same for every
@@ -33,23 +35,31 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 
-def _median_rates(fns: dict[str, Callable[[], None]], batch: int, rounds: int) -> dict[str, float]:
-    """Images/s per implementation: median over interleaved rounds (after one warm-up call each)."""
+def _median_rates(
+    fns: dict[str, Callable[[], None]], batch: int, rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Images/s and minor page faults per call of each implementation: medians over
+    interleaved rounds (after one warm-up call each); faults are the process's."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, list[int]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: batch / float(np.median(v)) for k, v in times.items()}
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return ({k: batch / float(np.median(v)) for k, v in times.items()},
+            {k: float(np.median(v)) for k, v in faults.items()})
 
 
 # ----------------------------------------------------------------------------
@@ -57,26 +67,20 @@ def _median_rates(fns: dict[str, Callable[[], None]], batch: int, rounds: int) -
 # ----------------------------------------------------------------------------
 
 
-def _cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
-
-
-def jax_unet(batch: int, mode: str):
+def jax_unet(batch: int, mode: str, count_flops: bool):
     """Jitted train step and forward of models.create(default_config("unet")) for one ops mode.
 
-    The FLOP counts returned are those of the reference-ops version of the same
-    functions (lowered, not compiled), so every mode is credited with the same work.
+    With `count_flops`, also the FLOPs of the reference-ops version of the same
+    two functions (lowered, not compiled), with which every mode is credited;
+    otherwise None for both.
     """
     import jax
     import jax.numpy as jnp
     import optax
+    from flops import reference_flops
 
     from diffusion_jax import models, ops
 
-    os.environ[ops.ENV_VAR] = mode  # read when the functions below are traced
     config = models.default_config("unet")
     config.dropout = 0.0  # diffusers' UNet2DModel has none by default
     model = models.create(config)
@@ -96,13 +100,14 @@ def jax_unet(batch: int, mode: str):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, x, t, target).compile()
-    fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile()
-    # New function objects, so that JAX's trace cache cannot hand back the traces made above.
-    os.environ[ops.ENV_VAR] = "reference"
-    step_flops = _cost_flops(jax.jit(lambda *a: train_step(*a)).lower(params, opt_state, x, t, target))
-    fwd_flops = _cost_flops(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t))
-    os.environ[ops.ENV_VAR] = mode
+    with ops.forced(mode):
+        step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, x, t, target).compile()
+        fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile()
+    step_flops = fwd_flops = None
+    if count_flops:  # new function objects, so that no trace made above comes back from the cache
+        step_flops = reference_flops(lambda: jax.jit(lambda *a: train_step(*a)).lower(params, opt_state, x, t, target))
+        fwd_flops = reference_flops(
+            lambda: jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t))
     state = {"params": params, "opt": opt_state}
 
     def run_step():
@@ -236,9 +241,11 @@ def main() -> None:
         steps, fwds, flops = {}, {}, {}
         if torch is not None:
             steps["torch"], fwds["torch"], n_torch = torch_unet(batch)
-        for mode in args.modes:
+        for i, mode in enumerate(args.modes):  # the same network in every mode: count its FLOPs once
             name = f"jax-{mode}"
-            steps[name], fwds[name], flops[f"{name}/step"], flops[f"{name}/fwd"], n_jax = jax_unet(batch, mode)
+            steps[name], fwds[name], step_flops, fwd_flops, n_jax = jax_unet(batch, mode, count_flops=i == 0)
+            if i == 0:
+                flops["step"], flops["fwd"] = step_flops, fwd_flops
         if torch is not None:
             print(f"\nparameters: diffusers {n_torch:,}, ours {n_jax:,}")
         print(f"\n## batch {batch}, load average {os.getloadavg()[0]:.1f}")
@@ -246,12 +253,12 @@ def main() -> None:
         if batch in train_batches:
             rows.append(("train step (fwd+bwd+Adam)", _median_rates(steps, batch, args.rounds), "step"))
         rows.append(("forward", _median_rates(fwds, batch, args.rounds), "fwd"))
-        for title, rates, kind in rows:
+        for title, (rates, faults), kind in rows:
             print(f"{title}: images/s")
             for name, rate in rates.items():
-                line = f"  {name:14s} {rate:8.2f} img/s"
+                line = f"  {name:14s} {rate:8.2f} img/s  {faults[name]:9,.0f} page faults/call"
                 if name != "torch":
-                    gflop = flops[f"{name}/{kind}"] / 1e9
+                    gflop = flops[kind] / 1e9
                     achieved = gflop * rate / batch
                     line += f"   {gflop:7.1f} GFLOP/call  {achieved:6.1f} GFLOP/s  MFU {achieved / peak_jax:5.1%}"
                     if "torch" in rates:

@@ -11,6 +11,10 @@ float64 numpy oracles (direct sums; central finite differences for GroupNorm).
 from __future__ import annotations
 
 import itertools
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -423,10 +427,6 @@ def test_native_kernels_are_in_the_traced_program():
 
 @pytest.mark.parametrize("setting, want", [("keep", "True"), ("default", "False")])
 def test_keep_freed_memory_in_a_fresh_process(setting, want):
-    import os
-    import platform
-    import subprocess
-    import sys
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt(3) is glibc's")
@@ -434,3 +434,16 @@ def test_keep_freed_memory_in_a_fresh_process(setting, want):
     env = dict(os.environ, DIFFUSION_JAX_MALLOC=setting)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == want
+
+
+def test_forced_sets_and_restores_the_mode(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    with ops.forced("reference"):
+        assert ops.selected() == "reference"
+        with ops.forced("fast"):
+            assert ops.selected() == "fast"
+        assert ops.selected() == "reference"
+    assert ops.ENV_VAR not in os.environ
+    with pytest.raises(ValueError, match=ops.ENV_VAR):
+        with ops.forced("turbo"):
+            pass

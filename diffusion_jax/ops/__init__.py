@@ -22,17 +22,18 @@ Dispatch (decided when a function is traced):
 * ``DIFFUSION_JAX_OPS=native``: the native kernels wherever they apply
   (float32; they fall back to the fast ones otherwise).
 
-The variable is read at trace time, so a benchmark can set it in
-``os.environ`` before tracing each variant; functions already jitted keep the
-path they were traced with.
+The variable is read at trace time, so a benchmark can set it (or use
+``with ops.forced(mode):``) before tracing each variant; functions already
+jitted keep the path they were traced with.
 
 Layout convention: images are NHWC, convolution kernels HWIO.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 
@@ -62,10 +63,24 @@ def selected() -> str:
     return "fast"
 
 
-def use_fast() -> bool:
-    """True when a CPU-tuned implementation (fast or native) is selected for the next trace."""
-    return selected() != "reference"
+@contextlib.contextmanager
+def forced(mode: str) -> Iterator[None]:
+    """Traces inside the block use `mode` ("auto", "reference", "fast" or "native").
 
+    Sets ``DIFFUSION_JAX_OPS`` for the block and restores its previous value
+    (or its absence) afterwards; functions jitted inside keep the path they
+    were traced with.
+    """
+    _check_mode(mode)
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
 
 
 def conv2d(
@@ -100,11 +115,11 @@ __all__ = [
     "conv2d_fast",
     "conv2d_native",
     "conv2d_reference",
+    "forced",
     "group_norm",
     "group_norm_fast",
     "group_norm_native",
     "group_norm_reference",
     "native",
     "selected",
-    "use_fast",
 ]

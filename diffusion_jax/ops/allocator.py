@@ -1,11 +1,13 @@
 """Host allocator setting that keeps XLA:CPU from page-faulting its buffers every step.
 
-XLA:CPU allocates each executable's temporary buffer (2.7 GB for the MNIST
-UNet's train step at batch 128) with malloc on one of its worker threads and
-frees it when the step ends. glibc serves such a block with a fresh mmap from
-a per-thread arena and unmaps it on free, so every step page-faults the whole
-buffer back in: 650k minor faults, about 2 s of kernel time in a 5 s step on
-this project's 2-core machine (bench/compare_torch.py prints faults per step).
+XLA:CPU allocates each executable's temporary buffer (gigabytes for the default
+6.47M-parameter UNet's train step at batch 128) with malloc on
+one of its worker threads and frees it when the step ends. glibc serves such
+a block with a fresh mmap from a per-thread arena and unmaps it on free, so
+every step page-faults the whole buffer back in: 649k minor faults per step
+(0 with this setting), and 20.4 instead of 25.6 img/s, on this project's
+2-core machine (`python bench/compare_torch.py --batch 128 --modes native
+--no-torch --malloc default|keep`, 2026-11-26).
 
 `keep_freed_memory()` changes three glibc malloc parameters (mallopt(3)) so
 that freed memory is reused instead of returned to the kernel:

@@ -13,7 +13,7 @@ with the system C++ compiler against
 
 caches the shared library under ``$DIFFUSION_JAX_CACHE`` (default
 ``~/.cache/diffusion_jax``; the file name hashes the source, the compiler
-command and the jaxlib version; written to a temporary name and renamed, so a
+command, the jaxlib version and this CPU's model and flags; written to a temporary name and renamed, so a
 crash never leaves a half-written library behind) and registers the handlers
 with `jax.ffi.register_ffi_target` for the CPU platform.
 
@@ -33,7 +33,6 @@ import site
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import jax
@@ -52,10 +51,8 @@ CACHE_ENV_VAR = "DIFFUSION_JAX_CACHE"
 
 def _prefixes() -> list[Path]:
     """Where pip puts a wheel's data files (``lib/``, ``include/``): the env, the user base."""
-    out = [Path(sys.prefix), Path(sys.base_prefix), Path(site.USER_BASE or "")]
-    if os.environ.get("DNNL_ROOT"):
-        out.insert(0, Path(os.environ["DNNL_ROOT"]))
-    return [p for p in out if str(p)]
+    roots = [os.environ.get("DNNL_ROOT"), sys.prefix, sys.base_prefix, site.USER_BASE]
+    return [Path(r) for r in roots if r]
 
 
 def _find_onednn() -> tuple[Path, Path]:
@@ -142,14 +139,6 @@ def available() -> bool:
 def reason() -> str | None:
     """Why the native kernels are unavailable (None when they are available)."""
     return _load()
-
-
-def warn_if_unavailable() -> None:
-    if not available():
-        warnings.warn(
-            f"diffusion_jax: native CPU kernels unavailable ({reason()}); using the XLA path",
-            stacklevel=3,
-        )
 
 
 def _conv_call(target: str, a, b, out_shape, strides, pads):

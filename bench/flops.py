@@ -1,0 +1,31 @@
+"""FLOP counts for the benchmarks' utilisation figures.
+
+XLA's cost analysis does not count the native kernels' custom calls
+(`diffusion_jax.ops.native`), so every benchmark credits each ops mode with
+the FLOPs of the same computation traced with the reference ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from diffusion_jax import ops
+
+
+def flops_of(stage: Any) -> float:
+    """The "flops" entry of a jax Lowered or Compiled stage's cost analysis (NaN when absent)."""
+    cost = stage.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned a list of dicts
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def reference_flops(lower: Callable[[], Any]) -> float:
+    """FLOPs of `lower()` (which jits a *fresh* function and lowers it) under the reference ops.
+
+    The function must be a new object: JAX's trace cache would otherwise hand
+    back a trace made earlier with another ops mode.
+    """
+    with ops.forced("reference"):
+        return flops_of(lower())
