@@ -3,7 +3,9 @@
 For each model: parameter count, compile seconds, forward and forward+backward
 images/s (median over --steps timed steps after one warm-up), XLA's FLOP count
 (of the network with the reference ops, since XLA does not count the
-native kernels' custom calls) and the achieved GFLOP/s, and peak memory: XLA's buffer analysis of the
+native kernels' custom calls), the achieved GFLOP/s and its fraction of this
+machine's float32 matmul peak (MFU; best of 10 2048^3 matmuls, measured in the
+same process right after the model), and peak memory: XLA's buffer analysis of the
 compiled step (arguments + outputs + temporaries), and the process's max
 resident set size (its growth over the benchmark, and its final value).
 Each model runs in a fresh subprocess.
@@ -34,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flops import reference_flops  # noqa: E402
+from flops import matmul_peak_gflops, reference_flops  # noqa: E402
 
 from diffusion_jax import models, ops  # noqa: E402
 
@@ -111,6 +113,7 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
     row["max_rss_mib"] = max_rss_mib()
     row["fwd_gflop_s"] = row["fwd_gflop"] / 1e9 / statistics.median(ts)
     row["fb_gflop_s"] = row["fb_gflop"] / 1e9 / statistics.median(ts_fb)
+    row["peak_gflop_s"] = matmul_peak_gflops()
     return row
 
 
@@ -130,7 +133,7 @@ def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, "
           f"batch {a.batch}, {a.steps} timed steps, dtype {a.dtype}")
     header = ("model", "params", "fwd img/s", "fwd+bwd img/s", "compile fwd s", "compile fwd+bwd s",
-              "fwd GFLOP/s", "fwd+bwd GFLOP/s", "XLA peak fwd MiB", "XLA peak fwd+bwd MiB", "max-RSS growth MiB", "max RSS MiB")
+              "fwd GFLOP/s", "fwd+bwd GFLOP/s", "matmul peak GFLOP/s", "fwd+bwd MFU", "XLA peak fwd MiB", "XLA peak fwd+bwd MiB", "max-RSS growth MiB", "max RSS MiB")
     rows = []
     for name in names:  # one fresh process per model, so memory numbers do not mix
         out = subprocess.run(
@@ -147,7 +150,8 @@ def main() -> None:
     for r in rows:
         vals = (r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['fwd_img_s']:.1f}", f"{r['fb_img_s']:.2f}",
                 f"{r['fwd_compile_s']:.1f}", f"{r['fb_compile_s']:.1f}", f"{r['fwd_gflop_s']:.1f}",
-                f"{r['fb_gflop_s']:.1f}", f"{r['fwd_xla_mib']:.0f}", f"{r['fb_xla_mib']:.0f}",
+                f"{r['fb_gflop_s']:.1f}", f"{r['peak_gflop_s']:.0f}", f"{r['fb_gflop_s'] / r['peak_gflop_s']:.1%}",
+                f"{r['fwd_xla_mib']:.0f}", f"{r['fb_xla_mib']:.0f}",
                 f"{r['rss_delta_mib']:.0f}", f"{r['max_rss_mib']:.0f}")
         print("| " + " | ".join(vals) + " |")
 

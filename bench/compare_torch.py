@@ -121,24 +121,6 @@ def jax_unet(batch: int, mode: str, count_flops: bool):
     return run_step, run_fwd, step_flops, fwd_flops, n_params
 
 
-def jax_matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    """Best of `reps` float32 n^3 matmuls: the machine's practical peak (best, not median, so
-    that load from other processes lowers the utilisation printed, never raises it)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.min(ts)) / 1e9
-
-
 # ----------------------------------------------------------------------------
 # PyTorch side
 # ----------------------------------------------------------------------------
@@ -230,7 +212,9 @@ def main() -> None:
     print(f"# malloc: {'keep_freed_memory' if kept else 'glibc defaults'}; native kernels: "
           f"{'available' if native.available() else native.reason()}")
 
-    peak_jax = jax_matmul_gflops()
+    from flops import matmul_peak_gflops
+
+    peak_jax = matmul_peak_gflops()
     print(f"float32 2048^3 matmul: jnp {peak_jax:.0f} GFLOP/s", end="")
     if torch is not None:
         print(f", torch {torch_matmul_gflops():.0f} GFLOP/s", end="")

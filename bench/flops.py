@@ -7,6 +7,7 @@ the FLOPs of the same computation traced with the reference ops.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,3 +30,24 @@ def reference_flops(lower: Callable[[], Any]) -> float:
     """
     with ops.forced("reference"):
         return flops_of(lower())
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """Best of `reps` float32 [n, n] @ [n, n] matmuls by XLA, in GFLOP/s (2 n^3 FLOPs each).
+
+    The machine's practical peak: the best run, not the median, so that load
+    from other processes can only lower a utilisation divided by it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9

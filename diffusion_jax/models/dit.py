@@ -11,7 +11,9 @@ Flax Linen, for the same reasons as the UNet (plain parameter pytree).
     final: shift, scale = Dense_zero(SiLU(c)); Dense_zero(LN(x) * (1 + scale) + shift)
            -> p*p*C_out per token, unpatchified to [B, H, W, C_out].
 
-LN is parameter-free (elementwise_affine off), as in the paper. Because the
+LN is parameter-free (elementwise_affine off), as in the paper; LN followed
+by the modulation is one `ops.adaptive_layer_norm`, attention one
+`ops.self_attention` over the packed qkv projection. Because the
 modulation Dense layers and the final Dense start at zero, every block starts
 as the identity and the network's initial output is exactly zero.
 """
@@ -25,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import ops
 from diffusion_jax.models.embeddings import Embedding
-from diffusion_jax.models.layers import Conv, LayerNorm, dense, to_dtype
+from diffusion_jax.models.layers import Conv, dense, to_dtype
 
 # name -> (hidden_size, depth, num_heads), Table 1 of Peebles & Xie 2023.
 DIT_SIZES = {
@@ -56,11 +59,6 @@ def pos_embed_2d(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_d(rows), one_d(cols)], axis=1).astype(np.float32)
 
 
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """adaLN: x * (1 + scale) + shift, per example."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
 class DiTBlock(nn.Module):
     hidden_size: int
     num_heads: int
@@ -74,21 +72,16 @@ class DiTBlock(nn.Module):
         mod = dense(6 * d, self.dtype, init_scale=0.0, name="adaLN")(nn.silu(c))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
 
-        h = modulate(LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="norm_0")(x), shift1, scale1)
-        b, n, _ = h.shape
-        heads, hd = self.num_heads, d // self.num_heads
+        h = ops.adaptive_layer_norm(x, shift1, scale1, epsilon=1e-6)
         qkv = dense(3 * d, self.dtype, name="qkv")(h)
-        q, k, v = (a.reshape(b, n, heads, hd) for a in jnp.split(qkv, 3, axis=-1))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5
-        w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        h = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, d)
+        h = ops.self_attention(qkv, self.num_heads)
         h = dense(d, self.dtype, name="attn_out")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         x = x + gate1[:, None, :] * h
 
-        h = modulate(LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="norm_1")(x), shift2, scale2)
+        h = ops.adaptive_layer_norm(x, shift2, scale2, epsilon=1e-6)
         h = dense(int(d * self.mlp_ratio), self.dtype, name="mlp_0")(h)
-        h = nn.gelu(h, approximate=True)
+        h = ops.gelu(h)
         h = dense(d, self.dtype, name="mlp_1")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         return x + gate2[:, None, :] * h
@@ -136,7 +129,7 @@ class DiT(nn.Module):
             tokens = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dropout, dtype, name=f"block_{i}")(tokens, c, train)
 
         shift, scale = jnp.split(dense(2 * d, dtype, init_scale=0.0, name="final_adaLN")(nn.silu(c)), 2, axis=-1)
-        tokens = modulate(LayerNorm(use_scale=False, use_bias=False, dtype=dtype, name="final_norm")(tokens), shift, scale)
+        tokens = ops.adaptive_layer_norm(tokens, shift, scale, epsilon=1e-6)
         out_ch = self.in_channels * (2 if self.learn_sigma else 1)
         out = dense(p * p * out_ch, dtype, init_scale=0.0, name="final_linear")(tokens)
         # unpatchify: [B, g*g, p*p*C] -> [B, g, g, p, p, C] -> [B, g*p, g*p, C]

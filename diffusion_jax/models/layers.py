@@ -1,10 +1,10 @@
 """The one place for convolution and normalisation in every network.
 
-`Conv`, `GroupNorm` and `LayerNorm` hold the parameters (float32) and delegate
+`Conv`, `GroupNorm`, `LayerNorm` and `Dense` hold the parameters (float32) and delegate
 the arithmetic to `diffusion_jax.ops.conv2d` / `diffusion_jax.ops.group_norm`,
 so a faster kernel for one backend, swapped in inside `diffusion_jax.ops`,
-reaches the UNet and the DiT at once. Dense layers and attention use Flax
-directly.
+reaches the UNet and the DiT at once. `Dense` does the same through
+`ops.dense`, and both networks' attention calls `ops.attention`.
 
 Compute dtype: parameters are always stored in float32; `dtype` ("float32" or
 "bfloat16") is the dtype the activations and the cast kernels are computed in.
@@ -149,12 +149,29 @@ class LayerNorm(nn.Module):
         return y.reshape(x.shape).astype(to_dtype(self.dtype))
 
 
-def dense(features: int, dtype: Any, init_scale: float = 1.0, name: str | None = None) -> nn.Dense:
-    """A Flax Dense with float32 parameters, compute `dtype` and DDPM's initialiser."""
-    return nn.Dense(
-        features,
-        dtype=to_dtype(dtype),
-        param_dtype=jnp.float32,
-        kernel_init=default_init(init_scale),
-        name=name,
-    )
+class Dense(nn.Module):
+    """y = x @ kernel + bias over the last axis, through `ops.dense`.
+
+    Parameters "kernel" [in, features] and "bias" [features], float32, named
+    as in Flax's `nn.Dense` (checkpoints are interchangeable); computed in `dtype`.
+    """
+
+    features: int
+    use_bias: bool = True
+    init_scale: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = to_dtype(self.dtype)
+        kernel = self.param("kernel", default_init(self.init_scale), (x.shape[-1], self.features), jnp.float32)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            bias = bias.astype(dtype)
+        return ops.dense(x.astype(dtype), kernel.astype(dtype), bias)
+
+
+def dense(features: int, dtype: Any, init_scale: float = 1.0, name: str | None = None) -> Dense:
+    """A `Dense` with float32 parameters, compute `dtype` and DDPM's initialiser."""
+    return Dense(features, init_scale=init_scale, dtype=dtype, name=name)

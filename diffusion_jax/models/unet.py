@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import ops
 from diffusion_jax.models.embeddings import Embedding
 from diffusion_jax.models.layers import Conv, GroupNorm, dense, to_dtype
 
@@ -108,10 +109,7 @@ class AttentionBlock(nn.Module):
             )
         h = GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x).reshape(n, hh * ww, c)
         qkv = dense(3 * c, self.dtype, name="qkv")(h)
-        q, k, v = (a.reshape(n, hh * ww, heads, c // heads) for a in jnp.split(qkv, 3, axis=-1))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        weights = jax.nn.softmax(logits * (c // heads) ** -0.5, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(n, hh * ww, c)
+        out = ops.self_attention(qkv, heads)
         out = dense(c, self.dtype, init_scale=0.0, name="proj_out")(out)
         return x + out.reshape(n, hh, ww, c)
 

@@ -1,16 +1,20 @@
-"""Array-level kernels behind the models' convolution and normalisation layers.
+"""Array-level kernels behind the models' layers.
 
-This package is the single place where the convolution and GroupNorm arithmetic
-lives; `diffusion_jax.models.layers` wraps these functions in Flax modules. A
-faster implementation for one backend is chosen here and every network picks
-it up.
+This package is the single place where the arithmetic of the networks' layers
+lives: `conv2d` and `group_norm` (UNet), `dense`, `self_attention` /
+`attention`, `adaptive_layer_norm` and `gelu` (DiT, and the UNet's attention
+and embeddings). `diffusion_jax.models.layers` wraps the parametrised ones in
+Flax modules. A faster implementation for one backend is chosen here and
+every network picks it up.
 
 Dispatch (decided when a function is traced):
 
 * ``DIFFUSION_JAX_OPS`` unset or ``auto``: on GPU/TPU the plain XLA reference
   implementations. On CPU, the native kernels (`conv2d_native`,
   `group_norm_native`: oneDNN convolutions and C++ GroupNorm as XLA FFI
-  custom calls, `diffusion_jax.ops.native`) when they are available and the
+  custom calls, `diffusion_jax.ops.native`; likewise `dense_native`,
+  `self_attention_native`, `adaptive_layer_norm_native`, `gelu_native`)
+  when they are available and the
   process sees a single device; otherwise the pure-XLA fast ones
   (`conv2d_fast`, `group_norm_fast`: custom VJPs tuned for XLA:CPU). The
   custom calls have no SPMD partitioning rule, so with several CPU devices
@@ -38,8 +42,25 @@ from collections.abc import Iterator, Sequence
 import jax
 
 from diffusion_jax.ops import native
+from diffusion_jax.ops.activations import gelu_fast, gelu_native, gelu_reference
+from diffusion_jax.ops.attention import (
+    attention_fast,
+    attention_native,
+    attention_reference,
+    self_attention_fast,
+    self_attention_native,
+    self_attention_reference,
+)
 from diffusion_jax.ops.conv import conv2d_fast, conv2d_native, conv2d_reference
-from diffusion_jax.ops.norm import group_norm_fast, group_norm_native, group_norm_reference
+from diffusion_jax.ops.dense import dense_fast, dense_native, dense_reference
+from diffusion_jax.ops.norm import (
+    adaptive_layer_norm_fast,
+    adaptive_layer_norm_native,
+    adaptive_layer_norm_reference,
+    group_norm_fast,
+    group_norm_native,
+    group_norm_reference,
+)
 
 ENV_VAR = "DIFFUSION_JAX_OPS"
 MODES = ("auto", "reference", "fast", "native")
@@ -108,18 +129,65 @@ def group_norm(
     return impl(x, scale, bias, num_groups=num_groups, epsilon=epsilon)
 
 
+def adaptive_layer_norm(
+    x: jax.Array, shift: jax.Array, scale: jax.Array, *, epsilon: float = 1e-6
+) -> jax.Array:
+    """adaLN: LayerNorm(x)[b, t] * (1 + scale[b]) + shift[b] over x [B, L, D], no learned affine."""
+    return globals()[f"adaptive_layer_norm_{selected()}"](x, shift, scale, epsilon=epsilon)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation: x / 2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return globals()[f"gelu_{selected()}"](x)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """y[..., o] = sum_i x[..., i] kernel[i, o] + bias[o]."""
+    return globals()[f"dense_{selected()}"](x, kernel, bias)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Multi-head softmax(q k^T / sqrt(D)) v over [B, L, H, D]; float32 logits and softmax."""
+    return globals()[f"attention_{selected()}"](q, k, v)
+
+
+def self_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+    """`attention` of q, k, v packed as [B, L, 3 * num_heads * D] -> [B, L, num_heads * D]."""
+    return globals()[f"self_attention_{selected()}"](qkv, num_heads)
+
+
 __all__ = [
     "ENV_VAR",
     "MODES",
+    "adaptive_layer_norm",
+    "adaptive_layer_norm_fast",
+    "adaptive_layer_norm_native",
+    "adaptive_layer_norm_reference",
+    "attention",
+    "attention_fast",
+    "attention_native",
+    "attention_reference",
     "conv2d",
     "conv2d_fast",
     "conv2d_native",
     "conv2d_reference",
+    "dense",
+    "dense_fast",
+    "dense_native",
+    "dense_reference",
     "forced",
+    "gelu",
+    "gelu_fast",
+    "gelu_native",
+    "gelu_reference",
     "group_norm",
     "group_norm_fast",
     "group_norm_native",
     "group_norm_reference",
     "native",
     "selected",
+    "self_attention",
+    "self_attention_fast",
+    "self_attention_native",
+    "self_attention_reference",
 ]

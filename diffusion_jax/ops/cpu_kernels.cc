@@ -1,4 +1,6 @@
-// XLA:CPU custom calls (XLA FFI) for the UNet's convolutions and GroupNorm.
+// XLA:CPU custom calls (XLA FFI) for the networks' convolutions and GroupNorm
+// (UNet) and their dense layers, attention, adaptive LayerNorm and GELU (DiT).
+// Each section below states the formula it implements.
 //
 // Built on first use by diffusion_jax/ops/native.py (g++, oneDNN from the
 // "cpu" extra, the XLA FFI headers shipped in jaxlib). Layouts match
@@ -22,6 +24,7 @@
 // across blocks in double (in the order threads finish, so a double's last
 // bits may differ between runs), then folded into groups.
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <array>
@@ -381,6 +384,544 @@ ffi::Error GroupNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scal
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------
+// Strided (batched) matrix products as oneDNN matmul primitives. A transpose
+// or a head slice of a [B, L, H, D] tensor is only a choice of strides, so no
+// operand is ever copied. Primitives are cached per (dims, strides) of the
+// three operands; they run with a user scratchpad (a per-thread buffer), so
+// XLA may execute custom calls on several threads at once.
+
+struct Operand {
+  Dims dims, strides;
+};
+
+using MatmulKey = std::vector<int64_t>;
+
+struct VecHash {
+  size_t operator()(const std::vector<int64_t>& k) const {
+    size_t h = 1469598103934665603ull;
+    for (int64_t v : k) h = (h ^ static_cast<size_t>(v)) * 1099511628211ull;
+    return h;
+  }
+};
+
+struct MatmulPrim {
+  memory::desc a_md, b_md, bias_md, c_md, scratch_md;
+  dnnl::matmul prim;
+};
+
+std::shared_ptr<const MatmulPrim> GetMatmul(const Operand& a, const Operand& b, const Operand& c,
+                                            bool has_bias) {
+  MatmulKey key{has_bias};
+  for (const Operand* o : {&a, &b, &c}) {
+    key.push_back(static_cast<int64_t>(o->dims.size()));
+    key.insert(key.end(), o->dims.begin(), o->dims.end());
+    key.insert(key.end(), o->strides.begin(), o->strides.end());
+  }
+  static std::mutex mu;
+  static std::unordered_map<MatmulKey, std::shared_ptr<const MatmulPrim>, VecHash> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto p = std::make_shared<MatmulPrim>();
+  p->a_md = memory::desc(a.dims, kF32, a.strides);
+  p->b_md = memory::desc(b.dims, kF32, b.strides);
+  p->c_md = memory::desc(c.dims, kF32, c.strides);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd;
+  if (has_bias) {
+    Dims bd(c.dims.size(), 1), bs(c.dims.size(), 0);
+    bd.back() = c.dims.back();
+    bs.back() = 1;
+    for (int i = static_cast<int>(bs.size()) - 2; i >= 0; --i) bs[i] = bd.back();
+    p->bias_md = memory::desc(bd, kF32, bs);
+    pd = dnnl::matmul::primitive_desc(Engine(), p->a_md, p->b_md, p->bias_md, p->c_md, attr);
+  } else {
+    pd = dnnl::matmul::primitive_desc(Engine(), p->a_md, p->b_md, p->c_md, attr);
+  }
+  p->scratch_md = pd.scratchpad_desc();
+  p->prim = dnnl::matmul(pd);
+  std::lock_guard<std::mutex> lock(mu);
+  return cache.emplace(std::move(key), std::move(p)).first->second;
+}
+
+// A per-thread scratchpad for user-scratchpad primitives.
+void* Scratch(size_t bytes) {
+  thread_local std::vector<char> buf;
+  if (buf.size() < bytes) buf.resize(bytes);
+  return buf.data();
+}
+
+// c = a b (+ bias), operands given as raw pointers with their layouts.
+void RunMatmul(const Operand& a, const float* ap, const Operand& b, const float* bp,
+               const Operand& c, float* cp, const float* bias = nullptr) {
+  auto p = GetMatmul(a, b, c, bias != nullptr);
+  auto& eng = Engine();
+  dnnl::stream s(eng);
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, memory(p->a_md, eng, const_cast<float*>(ap))},
+      {DNNL_ARG_WEIGHTS, memory(p->b_md, eng, const_cast<float*>(bp))},
+      {DNNL_ARG_DST, memory(p->c_md, eng, cp)},
+      {DNNL_ARG_SCRATCHPAD, memory(p->scratch_md, eng, Scratch(p->scratch_md.get_size()))}};
+  if (bias) args.emplace(DNNL_ARG_BIAS, memory(p->bias_md, eng, const_cast<float*>(bias)));
+  p->prim.execute(s, args);
+  s.wait();
+}
+
+// Row-major [rows, cols], or its transpose when `t` (the buffer is [cols, rows]).
+Operand Matrix(int64_t rows, int64_t cols, bool t) {
+  return t ? Operand{{rows, cols}, {1, rows}} : Operand{{rows, cols}, {cols, 1}};
+}
+
+// c[M, N] = op(a) op(b) (+ bias[N]) for rank-2 row-major buffers.
+ffi::Error MatmulImpl(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b, const float* bias,
+                      ffi::ResultBuffer<ffi::F32>& c, int64_t ta, int64_t tb) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
+    return Check(false, "dj_matmul: expected rank-2 buffers");
+  const int64_t m = ta ? ad[1] : ad[0], kk = ta ? ad[0] : ad[1];
+  const int64_t n = tb ? bd[0] : bd[1], kb = tb ? bd[1] : bd[0];
+  if (kb != kk || cd[0] != m || cd[1] != n) return Check(false, "dj_matmul: shape mismatch");
+  return Guard([&] {
+    RunMatmul(Matrix(m, kk, ta), a.typed_data(), Matrix(kk, n, tb), b.typed_data(),
+              Matrix(m, n, false), c->typed_data(), bias);
+  });
+}
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
+                  int64_t ta, int64_t tb) {
+  return MatmulImpl(a, b, nullptr, c, ta, tb);
+}
+
+ffi::Error MatmulBias(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
+                      int64_t tb) {
+  return MatmulImpl(a, b, bias.typed_data(), c, ta, tb);
+}
+
+// Backward pass of y = x w + bias for x [M, K], w [K, N]:
+//   dx = dy w^T, dw = x^T dy, dbias = sum_rows dy (column sums in float per
+//   thread over contiguous row blocks, added across threads in thread order).
+ffi::Error DenseBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = dy.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[0] || yd[0] != xd[0] ||
+      yd[1] != wd[1])
+    return Check(false, "dj_dense_backward: expected x [M, K], w [K, N], dy [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  return Guard([&] {
+    RunMatmul(Matrix(m, n, false), dy.typed_data(), Matrix(n, k, true), w.typed_data(),
+              Matrix(m, k, false), dx->typed_data());
+    RunMatmul(Matrix(k, m, true), x.typed_data(), Matrix(m, n, false), dy.typed_data(),
+              Matrix(k, n, false), dw->typed_data());
+    const float* g = dy.typed_data();
+    float* out = db->typed_data();
+    std::fill(out, out + n, 0.f);
+#pragma omp parallel
+    {
+      std::vector<float> acc(n, 0.f);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < m; ++i) {
+        const float* row = g + i * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) acc[j] += row[j];
+      }
+#pragma omp for ordered schedule(static, 1)
+      for (int t = 0; t < omp_get_num_threads(); ++t) {
+#pragma omp ordered
+        for (int64_t j = 0; j < n; ++j) out[j] += acc[j];
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Multi-head self-attention, q, k, v [B, L, H, D] (packed, see below), scale s:
+//   forward   S = s Q K^T, P = softmax_rows(S), O = P V; also lse = logsumexp_rows(S) [B, H, L]
+//   backward  P = exp(S - lse), dV = P^T dO, dP = dO V^T,
+//             dS = P (dP - rowsum(dO O)), dQ = s dS K, dK = s dS^T Q
+// one image at a time per thread, so its [H, L, L] score buffers stay in that
+// core's cache (the [B, H, L, L] tensor is never written out). The products
+// are strided batched oneDNN matmuls over the image's heads, run on the
+// calling thread; the softmax rows use RowMax / ExpRow below.
+
+// Row kernels of the softmax. With AVX-512, exp is evaluated 16 lanes at a
+// time as exp(x) = 2^n exp(r), n = round(x / ln2), r = x - n ln2 (Cody-Waite
+// split of ln2, |r| <= ln2/2), exp(r) by its degree-7 Taylor polynomial
+// (truncation error < 6e-9 relative) and 2^n applied by vscalefps, which
+// also underflows to 0 correctly. Without AVX-512 the loops call std::exp.
+#ifdef __AVX512F__
+inline __m512 Exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 Tail(int64_t n, int64_t j) {
+  return n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+#endif
+
+float RowMax(const float* x, int64_t n) {
+#ifdef __AVX512F__
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    m = _mm512_mask_max_ps(m, Tail(n, j), m, _mm512_maskz_loadu_ps(Tail(n, j), x + j));
+  return _mm512_reduce_max_ps(m);
+#else
+  float m = x[0];
+  for (int64_t j = 1; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+#endif
+}
+
+// x[j] = exp(a x[j] + b) in place; returns the sum of the results.
+float ExpRow(float* x, int64_t n, float a, float b) {
+#ifdef __AVX512F__
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = Tail(n, j);
+    const __m512 e = Exp16(_mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + j), vb));
+    _mm512_mask_storeu_ps(x + j, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(a * x[j] + b));
+  return sum;
+#endif
+}
+
+// q, k, v come packed as qkv [B, L, 3, H, D] (one projection's output, split
+// by strides rather than copies); o is [B, L, H, D] and dqkv has qkv's layout.
+struct AttentionLayout {
+  int64_t b, l, h, d;
+  int64_t Row() const { return 3 * h * d; }        // token stride in qkv / dqkv
+  int64_t Image() const { return l * Row(); }      // image stride in qkv / dqkv
+  int64_t OutImage() const { return l * h * d; }   // image stride in o / do
+  // One image's operands: [H, L, D] head-major copies (and their per-head
+  // transposes) and the [H, L, L] score blocks.
+  Operand Heads() const { return {{h, l, d}, {l * d, d, 1}}; }
+  Operand HeadsT() const { return {{h, d, l}, {l * d, 1, d}}; }
+  Operand Scores() const { return {{h, l, l}, {l * l, l, 1}}; }
+};
+
+ffi::Error AttentionLayoutOf(ffi::Span<const int64_t> d, int64_t heads, AttentionLayout* t) {
+  if (d.size() != 3 || heads < 1 || d[2] % (3 * heads))
+    return Check(false, "dj_attention: expected qkv [B, L, 3 * heads * head_dim]");
+  *t = {d[0], d[1], heads, d[2] / (3 * heads)};
+  return ffi::Error::Success();
+}
+
+// Per-thread work buffers of the attention kernels, reused across calls.
+float* Buffer(int which, size_t floats) {
+  thread_local std::vector<float> bufs[8];
+  if (bufs[which].size() < floats) bufs[which].resize(floats);
+  return bufs[which].data();
+}
+
+// dst[j, p, :] = src[p * row + j * d + :] for heads j < h, tokens p < l (and back).
+void GatherHeads(const float* src, int64_t row, int64_t l, int64_t h, int64_t d, float* dst) {
+  for (int64_t p = 0; p < l; ++p)
+    for (int64_t j = 0; j < h; ++j) {
+      const float* a = src + p * row + j * d;
+      float* b = dst + (j * l + p) * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) b[c] = a[c];
+    }
+}
+void ScatterHeads(const float* src, int64_t row, int64_t l, int64_t h, int64_t d, float* dst) {
+  for (int64_t p = 0; p < l; ++p)
+    for (int64_t j = 0; j < h; ++j) {
+      const float* a = src + (j * l + p) * d;
+      float* b = dst + p * row + j * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) b[c] = a[c];
+    }
+}
+
+// b = a^T for each of h square [l, l] blocks, in 16 x 16 tiles.
+void TransposeBlocks(const float* a, int64_t h, int64_t l, float* b) {
+  for (int64_t j = 0; j < h; ++j) {
+    const float* aj = a + j * l * l;
+    float* bj = b + j * l * l;
+    for (int64_t r0 = 0; r0 < l; r0 += 16)
+      for (int64_t c0 = 0; c0 < l; c0 += 16)
+        for (int64_t r = r0; r < std::min(l, r0 + 16); ++r)
+          for (int64_t c = c0; c < std::min(l, c0 + 16); ++c) bj[c * l + r] = aj[r * l + c];
+  }
+}
+
+// Runs body(image) for every image, the images split over the OpenMP threads;
+// inside, oneDNN runs single-threaded on this thread's cached buffers. The
+// first exception is kept and rethrown after the loop.
+template <typename F>
+void ForEachImage(int64_t images, F&& body) {
+  std::exception_ptr error;
+  std::mutex mu;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < images; ++i) {
+    try {
+      body(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> o,
+                            ffi::ResultBuffer<ffi::F32> lse, int64_t heads, float scale) {
+  AttentionLayout t;
+  if (auto err = AttentionLayoutOf(qkv.dimensions(), heads, &t); err.failure()) return err;
+  const int64_t l = t.l, h = t.h, d = t.d, hd = h * d, row = t.Row(), hld = h * l * d;
+  return Guard([&] {
+    ForEachImage(t.b, [&](int64_t i) {
+      float *qc = Buffer(0, 3 * hld), *kc = qc + hld, *vc = kc + hld;
+      float* sbuf = Buffer(1, h * l * l);
+      const float* src = qkv.typed_data() + i * t.Image();
+      for (int m = 0; m < 3; ++m) GatherHeads(src + m * hd, row, l, h, d, qc + m * hld);
+      RunMatmul(t.Heads(), qc, t.HeadsT(), kc, t.Scores(), sbuf);
+      float* lp = lse->typed_data() + i * h * l;
+      for (int64_t r = 0; r < h * l; ++r) {
+        float* sr = sbuf + r * l;
+        const float mx = RowMax(sr, l);
+        const float sum = ExpRow(sr, l, scale, -mx * scale);
+        const float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < l; ++j) sr[j] *= inv;
+        lp[r] = mx * scale + std::log(sum);
+      }
+      float* oc = Buffer(2, hld);
+      RunMatmul(t.Scores(), sbuf, t.Heads(), vc, t.Heads(), oc);
+      ScatterHeads(oc, hd, l, h, d, o->typed_data() + i * t.OutImage());
+    });
+  });
+}
+
+ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> o,
+                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dqkv, int64_t heads, float scale) {
+  AttentionLayout t;
+  if (auto err = AttentionLayoutOf(qkv.dimensions(), heads, &t); err.failure()) return err;
+  const int64_t l = t.l, h = t.h, d = t.d, hd = h * d, row = t.Row(), hld = h * l * d;
+  return Guard([&] {
+    ForEachImage(t.b, [&](int64_t i) {
+      // Per image, head-major copies: q, k, v, dO; the gradients dq, dk, dv.
+      float *qc = Buffer(0, 3 * hld), *kc = qc + hld, *vc = kc + hld;
+      float* doc = Buffer(2, hld);
+      float *dqc = Buffer(3, 3 * hld), *dkc = dqc + hld, *dvc = dkc + hld;
+      float* pbuf = Buffer(1, h * l * l);
+      float* dsbuf = Buffer(4, h * l * l);
+      float* tbuf = Buffer(5, h * l * l);
+      const float* src = qkv.typed_data() + i * t.Image();
+      for (int m = 0; m < 3; ++m) GatherHeads(src + m * hd, row, l, h, d, qc + m * hld);
+      const float* dop = dout.typed_data() + i * t.OutImage();
+      const float* op = o.typed_data() + i * t.OutImage();
+      GatherHeads(dop, hd, l, h, d, doc);
+      RunMatmul(t.Heads(), qc, t.HeadsT(), kc, t.Scores(), pbuf);
+      const float* lp = lse.typed_data() + i * h * l;
+      for (int64_t r = 0; r < h * l; ++r) ExpRow(pbuf + r * l, l, scale, -lp[r]);
+      TransposeBlocks(pbuf, h, l, tbuf);
+      RunMatmul(t.Scores(), tbuf, t.Heads(), doc, t.Heads(), dvc);
+      RunMatmul(t.Heads(), doc, t.HeadsT(), vc, t.Scores(), dsbuf);
+      for (int64_t r = 0; r < h * l; ++r) {
+        // r = (head j, query p); O's row is a [D] slice of [L, H, D].
+        const int64_t j = r / l, p = r % l;
+        const float* dor = doc + r * d;
+        const float* orow = op + (p * h + j) * d;
+        float di = 0.f;
+#pragma omp simd reduction(+ : di)
+        for (int64_t c = 0; c < d; ++c) di += dor[c] * orow[c];
+        const float* pr = pbuf + r * l;
+        float* dr = dsbuf + r * l;
+#pragma omp simd
+        for (int64_t c = 0; c < l; ++c) dr[c] = scale * pr[c] * (dr[c] - di);
+      }
+      RunMatmul(t.Scores(), dsbuf, t.Heads(), kc, t.Heads(), dqc);
+      TransposeBlocks(dsbuf, h, l, tbuf);
+      RunMatmul(t.Scores(), tbuf, t.Heads(), qc, t.Heads(), dkc);
+      float* dst = dqkv->typed_data() + i * t.Image();
+      for (int m = 0; m < 3; ++m) ScatterHeads(dqc + m * hld, row, l, h, d, dst + m * hd);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Adaptive LayerNorm (DiT's adaLN, parameter-free LayerNorm then a per-image
+// modulation) over x [B, L, D] with shift, scale [B, D]:
+//   forward   y = xh (1 + scale_b) + shift_b,  xh = (x - mu) r, r = 1/sqrt(var + eps)
+//             per token (two passes over the token's D values, in float);
+//             also returns mu and r [B, L]
+//   backward  g = dy (1 + scale_b): dx = r (g - mean_D(g) - xh mean_D(g xh)),
+//             dshift_b = sum_L dy, dscale_b = sum_L dy xh
+// Threads split the images, so each owns its rows of dshift and dscale.
+
+ffi::Error AdaLNForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> shift,
+                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
+                        float eps) {
+  auto d = x.dimensions();
+  if (d.size() != 3) return Check(false, "dj_adaln_forward: expected x [B, L, D]");
+  const int64_t nb = d[0], l = d[1], c = d[2];
+  const float *xp = x.typed_data(), *sh = shift.typed_data(), *sc = scale.typed_data();
+  float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < nb * l; ++q) {
+    const int64_t b = q / l;
+    const float* xr = xp + q * c;
+    float s1 = 0.f;
+#pragma omp simd reduction(+ : s1)
+    for (int64_t j = 0; j < c; ++j) s1 += xr[j];
+    const float mu = s1 / c;
+    float s2 = 0.f;
+#pragma omp simd reduction(+ : s2)
+    for (int64_t j = 0; j < c; ++j) s2 += (xr[j] - mu) * (xr[j] - mu);
+    const float r = 1.0f / std::sqrt(s2 / c + eps);
+    mp[q] = mu;
+    rp[q] = r;
+    const float *shb = sh + b * c, *scb = sc + b * c;
+    float* yr = yp + q * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) yr[j] = (xr[j] - mu) * r * (1.0f + scb[j]) + shb[j];
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AdaLNBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> dshift, ffi::ResultBuffer<ffi::F32> dscale) {
+  auto d = x.dimensions();
+  if (d.size() != 3) return Check(false, "dj_adaln_backward: expected x [B, L, D]");
+  const int64_t nb = d[0], l = d[1], c = d[2];
+  const float *xp = x.typed_data(), *sc = scale.typed_data(), *mp = mean.typed_data(),
+              *rp = rstd.typed_data(), *gp = dy.typed_data();
+  float *dxp = dx->typed_data(), *dsh = dshift->typed_data(), *dsc = dscale->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    float* dshb = dsh + b * c;
+    float* dscb = dsc + b * c;
+    const float* scb = sc + b * c;
+    std::fill(dshb, dshb + c, 0.f);
+    std::fill(dscb, dscb + c, 0.f);
+    for (int64_t t = 0; t < l; ++t) {
+      const int64_t q = b * l + t;
+      const float *xr = xp + q * c, *gr = gp + q * c;
+      const float mu = mp[q], r = rp[q];
+      float mg = 0.f, mgx = 0.f;
+#pragma omp simd reduction(+ : mg, mgx)
+      for (int64_t j = 0; j < c; ++j) {
+        const float xh = (xr[j] - mu) * r;
+        const float g = gr[j] * (1.0f + scb[j]);
+        mg += g;
+        mgx += g * xh;
+        dshb[j] += gr[j];
+        dscb[j] += gr[j] * xh;
+      }
+      mg /= c;
+      mgx /= c;
+      float* out = dxp + q * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        const float xh = (xr[j] - mu) * r;
+        out[j] = r * (gr[j] * (1.0f + scb[j]) - mg - xh * mgx);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// GELU, tanh approximation (Hendrycks & Gimpel 2016), written with the
+// identity 1 + tanh(u) = 2 sigmoid(2u):
+//   y  = x s,  s = 1 / (1 + exp(-z)),  z = 2c (x + a x^3),  c = sqrt(2/pi), a = 0.044715
+//   dx = dy (s + x s (1 - s) 2c (1 + 3 a x^2))
+constexpr float kGeluC2 = 1.5957691216057308f;  // 2 sqrt(2/pi)
+constexpr float kGeluA = 0.044715f;
+
+#ifdef __AVX512F__
+// s = sigmoid(z) for 16 lanes of x.
+inline __m512 GeluSigmoid16(__m512 x) {
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  const __m512 z = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluC2), x),
+                                 _mm512_fmadd_ps(_mm512_set1_ps(kGeluA), x2, _mm512_set1_ps(1.f)));
+  const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+#endif
+
+ffi::Error GeluForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n = x.element_count();
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  constexpr int64_t kBlock = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+#ifdef __AVX512F__
+    for (int64_t j = b0; j < b1; j += 16) {
+      const __mmask16 k = Tail(b1, j);
+      const __m512 v = _mm512_maskz_loadu_ps(k, xp + j);
+      _mm512_mask_storeu_ps(yp + j, k, _mm512_mul_ps(v, GeluSigmoid16(v)));
+    }
+#else
+    for (int64_t j = b0; j < b1; ++j) {
+      const float v = xp[j], z = kGeluC2 * v * (1.f + kGeluA * v * v);
+      yp[j] = v / (1.f + std::exp(-z));
+    }
+#endif
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GeluBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                        ffi::ResultBuffer<ffi::F32> dx) {
+  const int64_t n = x.element_count();
+  const float *xp = x.typed_data(), *gp = dy.typed_data();
+  float* out = dx->typed_data();
+  constexpr int64_t kBlock = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t j = b0; j < b1; j += 16) {
+      const __mmask16 k = Tail(b1, j);
+      const __m512 v = _mm512_maskz_loadu_ps(k, xp + j);
+      const __m512 sg = GeluSigmoid16(v);
+      const __m512 dz = _mm512_mul_ps(
+          _mm512_set1_ps(kGeluC2),
+          _mm512_fmadd_ps(_mm512_set1_ps(3 * kGeluA), _mm512_mul_ps(v, v), one));
+      // s + x s (1 - s) dz
+      const __m512 d = _mm512_fmadd_ps(
+          _mm512_mul_ps(_mm512_mul_ps(v, sg), _mm512_sub_ps(one, sg)), dz, sg);
+      _mm512_mask_storeu_ps(out + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, gp + j), d));
+    }
+#else
+    for (int64_t j = b0; j < b1; ++j) {
+      const float v = xp[j], z = kGeluC2 * v * (1.f + kGeluA * v * v);
+      const float sg = 1.f / (1.f + std::exp(-z));
+      out[j] = gp[j] * (sg + v * sg * (1.f - sg) * kGeluC2 * (1.f + 3 * kGeluA * v * v));
+    }
+#endif
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The three convolution passes share one signature: two float32 operands, one
@@ -420,3 +961,77 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGroupNormBackward, GroupNormBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ta")
+                                  .Attr<int64_t>("tb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjMatmulBias, MatmulBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ta")
+                                  .Attr<int64_t>("tb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjDenseBackward, DenseBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjAdaLNForward, AdaLNForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjAdaLNBackward, AdaLNBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGeluForward, GeluForward,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGeluBackward, GeluBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

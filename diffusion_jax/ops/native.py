@@ -1,8 +1,10 @@
 """Native XLA:CPU kernels: oneDNN convolutions and a hand-written GroupNorm.
 
 `cpu_kernels.cc` (next to this file) holds XLA FFI handlers for the three
-passes of a 2-D convolution (oneDNN primitives, NHWC x HWIO, float32) and for
-GroupNorm's forward and backward passes. This module compiles it on first use
+passes of a 2-D convolution (oneDNN primitives, NHWC x HWIO, float32),
+GroupNorm's forward and backward passes, dense layers (oneDNN matmuls),
+multi-head self-attention (oneDNN matmuls around a vectorised softmax, one
+image per thread), the DiT's adaptive LayerNorm and the tanh GELU. This module compiles it on first use
 with the system C++ compiler against
 
 * oneDNN's library and headers from the ``cpu`` extra
@@ -45,6 +47,15 @@ _TARGETS = {
     "dj_conv2d_backward_weights": "DjConv2dBackwardWeights",
     "dj_group_norm_forward": "DjGroupNormForward",
     "dj_group_norm_backward": "DjGroupNormBackward",
+    "dj_matmul": "DjMatmul",
+    "dj_matmul_bias": "DjMatmulBias",
+    "dj_dense_backward": "DjDenseBackward",
+    "dj_attention_forward": "DjAttentionForward",
+    "dj_attention_backward": "DjAttentionBackward",
+    "dj_adaln_forward": "DjAdaLNForward",
+    "dj_adaln_backward": "DjAdaLNBackward",
+    "dj_gelu_forward": "DjGeluForward",
+    "dj_gelu_backward": "DjGeluBackward",
 }
 CACHE_ENV_VAR = "DIFFUSION_JAX_CACHE"
 
@@ -184,3 +195,72 @@ def group_norm_backward(x, scale, mean, rstd, dy, num_groups):
         (jax.ShapeDtypeStruct(x.shape, np.float32), vec, vec),
         vmap_method="sequential",
     )(x, scale, mean, rstd, dy, groups=np.int64(num_groups))
+
+
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, bias=None):
+    """op(a) @ op(b) (+ bias) by oneDNN; a, b rank-2 float32, op = transpose when asked."""
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    out = jax.ShapeDtypeStruct((m, n), np.float32)
+    args = (a, b) if bias is None else (a, b, bias)
+    target = "dj_matmul" if bias is None else "dj_matmul_bias"
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        *args, ta=np.int64(transpose_a), tb=np.int64(transpose_b)
+    )
+
+
+def dense_backward(x, kernel, dy):
+    """(dx, dkernel, dbias) of y = x @ kernel + bias for x [M, K], kernel [K, N], dy [M, N]."""
+    shapes = (x.shape, kernel.shape, kernel.shape[1:])
+    return jax.ffi.ffi_call(
+        "dj_dense_backward",
+        tuple(jax.ShapeDtypeStruct(s, np.float32) for s in shapes),
+        vmap_method="sequential",
+    )(x, kernel, dy)
+
+
+def attention_forward(qkv, heads, scale):
+    """(o [B, L, H*D], lse [B, H, L]) of per-head softmax(scale q k^T) v, qkv [B, L, 3*H*D] float32."""
+    b, l, c = qkv.shape
+    return jax.ffi.ffi_call(
+        "dj_attention_forward",
+        (jax.ShapeDtypeStruct((b, l, c // 3), np.float32), jax.ShapeDtypeStruct((b, heads, l), np.float32)),
+        vmap_method="sequential",
+    )(qkv, heads=np.int64(heads), scale=np.float32(scale))
+
+
+def attention_backward(qkv, o, lse, do, heads, scale):
+    """dqkv of attention from the forward pass's output o and lse."""
+    return jax.ffi.ffi_call(
+        "dj_attention_backward", jax.ShapeDtypeStruct(qkv.shape, np.float32), vmap_method="sequential"
+    )(qkv, o, lse, do, heads=np.int64(heads), scale=np.float32(scale))
+
+
+def adaptive_layer_norm_forward(x, shift, scale, epsilon):
+    """(y, mean [B, L], rstd [B, L]) of LN(x) (1 + scale) + shift over x [B, L, D] float32."""
+    stats = jax.ShapeDtypeStruct(x.shape[:2], np.float32)
+    return jax.ffi.ffi_call(
+        "dj_adaln_forward", (jax.ShapeDtypeStruct(x.shape, np.float32), stats, stats),
+        vmap_method="sequential",
+    )(x, shift, scale, eps=np.float32(epsilon))
+
+
+def adaptive_layer_norm_backward(x, scale, mean, rstd, dy):
+    """(dx, dshift, dscale) of the adaptive LayerNorm from the forward pass's mean and rstd."""
+    vec = jax.ShapeDtypeStruct(scale.shape, np.float32)
+    return jax.ffi.ffi_call(
+        "dj_adaln_backward", (jax.ShapeDtypeStruct(x.shape, np.float32), vec, vec),
+        vmap_method="sequential",
+    )(x, scale, mean, rstd, dy)
+
+
+def gelu_forward(x):
+    """tanh-approximate GELU of float32 x, elementwise."""
+    return jax.ffi.ffi_call("dj_gelu_forward", jax.ShapeDtypeStruct(x.shape, np.float32),
+                            vmap_method="broadcast_all")(x)
+
+
+def gelu_backward(x, dy):
+    """dL/dx of the tanh-approximate GELU for output gradient dy."""
+    return jax.ffi.ffi_call("dj_gelu_backward", jax.ShapeDtypeStruct(x.shape, np.float32),
+                            vmap_method="broadcast_all")(x, dy)

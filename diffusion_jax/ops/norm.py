@@ -189,3 +189,70 @@ def group_norm_native(
     ):
         return group_norm_fast(x, scale, bias, num_groups=num_groups, epsilon=epsilon)
     return _group_norm_native(x, scale, bias, int(num_groups), float(epsilon))
+
+
+# ---------------------------------------------------------------------------
+# Adaptive LayerNorm (adaLN; Peebles & Xie 2023): a parameter-free LayerNorm
+# of every token followed by a per-example modulation,
+#     y[b, t] = LN(x[b, t]) * (1 + scale[b]) + shift[b],   x [B, L, D], shift, scale [B, D].
+
+
+def _check_adaln(x: jax.Array, shift: jax.Array, scale: jax.Array) -> None:
+    if x.ndim != 3 or shift.shape != (x.shape[0], x.shape[2]) or scale.shape != shift.shape:
+        raise ValueError(
+            f"adaptive_layer_norm: x must be [B, L, D] and shift, scale [B, D]; got {x.shape}, "
+            f"{shift.shape}, {scale.shape}"
+        )
+
+
+def _adaln_with(norm, x, shift, scale, epsilon):
+    _check_adaln(x, shift, scale)
+    b, n, d = x.shape
+    ones, zeros = jnp.ones((d,), jnp.float32), jnp.zeros((d,), jnp.float32)
+    y = norm(x.reshape(b * n, 1, 1, d), ones, zeros, num_groups=1, epsilon=epsilon).reshape(x.shape)
+    return y * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def adaptive_layer_norm_reference(x, shift, scale, *, epsilon: float = 1e-6):
+    """LN(x) (1 + scale) + shift with `group_norm_reference` (one group per token)."""
+    return _adaln_with(group_norm_reference, x, shift, scale, epsilon)
+
+
+def adaptive_layer_norm_fast(x, shift, scale, *, epsilon: float = 1e-6):
+    """LN(x) (1 + scale) + shift with `group_norm_fast` (one group per token)."""
+    return _adaln_with(group_norm_fast, x, shift, scale, epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _adaln_native(x, shift, scale, epsilon):
+    return native.adaptive_layer_norm_forward(x, shift, scale, epsilon)[0]
+
+
+def _adaln_native_fwd(x, shift, scale, epsilon):
+    y, mean, rstd = native.adaptive_layer_norm_forward(x, shift, scale, epsilon)
+    return y, (x, scale, mean, rstd)
+
+
+def _adaln_native_bwd(epsilon, residuals, dy):
+    x, scale, mean, rstd = residuals
+    dx, dshift, dscale = native.adaptive_layer_norm_backward(x, scale, mean, rstd, dy)
+    return dx, dshift, dscale
+
+
+_adaln_native.defvjp(_adaln_native_fwd, _adaln_native_bwd)
+
+
+def adaptive_layer_norm_native(x, shift, scale, *, epsilon: float = 1e-6):
+    """Same function as `adaptive_layer_norm_reference`, both passes one C++ loop each.
+
+    Float32 only; other dtypes and hosts without the native kernels take
+    `adaptive_layer_norm_fast`.
+    """
+    _check_adaln(x, shift, scale)
+    if (
+        any(a.dtype != jnp.float32 for a in (x, shift, scale))
+        or x.size == 0
+        or not native.available()
+    ):
+        return adaptive_layer_norm_fast(x, shift, scale, epsilon=epsilon)
+    return _adaln_native(x, shift, scale, float(epsilon))

@@ -1,0 +1,105 @@
+"""Multi-head softmax attention.
+
+    out[b, i, h] = sum_j softmax_j(s <q[b, i, h], k[b, j, h]>) v[b, j, h],   s = D^-1/2
+
+(Vaswani et al. 2017), logits and softmax in float32. Two entry points:
+`attention(q, k, v)` over [B, L, H, D] arrays, and `self_attention(qkv,
+num_heads)` over one projection's packed output [B, L, 3 * H * D] (q, k, v
+in that order, each split into heads), which is what the UNet's and DiT's
+attention layers compute.
+
+* `*_reference`: two einsums around `jax.nn.softmax`, differentiated by
+  autodiff; the path on GPU/TPU ("fast" uses it too).
+* `self_attention_native`: two XLA:CPU custom calls (`cpu_kernels.cc`) that
+  read q, k and v out of the packed array by strides. The forward pass keeps
+  only the output and the per-row log-sum-exp; the backward pass recomputes
+  the probabilities from them (as FlashAttention does, Dao et al. 2022) and
+  writes dq, dk, dv straight into one packed gradient. Both work through the
+  batch a few images at a time, so the [L, L] score blocks stay in cache and
+  the [B, H, L, L] tensor is never stored; the products are oneDNN matmuls.
+  Float32 only; other dtypes and hosts without the native kernels take the
+  reference. `attention_native` packs q, k, v and calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.ops import native
+
+
+def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or k.shape != v.shape:
+        raise ValueError(
+            f"attention: q [B, Lq, H, D], k and v [B, Lk, H, D] expected, got {q.shape}, {k.shape}, {v.shape}"
+        )
+
+
+def _split(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, n, c = qkv.shape if qkv.ndim == 3 else (None, None, None)
+    if qkv.ndim != 3 or num_heads < 1 or c % (3 * num_heads):
+        raise ValueError(
+            f"self_attention: qkv must be [B, L, 3 * num_heads * head_dim], got shape {qkv.shape} "
+            f"with num_heads={num_heads}"
+        )
+    return tuple(a.reshape(b, n, num_heads, -1) for a in jnp.split(qkv, 3, axis=-1))
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v per head, logits and softmax in float32; output in v's dtype."""
+    _check(q, k, v)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def self_attention_reference(qkv: jax.Array, num_heads: int) -> jax.Array:
+    """attention_reference of the packed q, k, v; [B, L, 3*H*D] -> [B, L, H*D]."""
+    q, k, v = _split(qkv, num_heads)
+    return attention_reference(q, k, v).reshape(*qkv.shape[:2], -1)
+
+
+attention_fast = attention_reference
+self_attention_fast = self_attention_reference
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _self_attention_native(qkv, num_heads):
+    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    return native.attention_forward(qkv, num_heads, scale)[0]
+
+
+def _self_attention_native_fwd(qkv, num_heads):
+    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    o, lse = native.attention_forward(qkv, num_heads, scale)
+    return o, (qkv, o, lse)
+
+
+def _self_attention_native_bwd(num_heads, residuals, do):
+    qkv, o, lse = residuals
+    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    return (native.attention_backward(qkv, o, lse, do, num_heads, scale),)
+
+
+_self_attention_native.defvjp(_self_attention_native_fwd, _self_attention_native_bwd)
+
+
+def self_attention_native(qkv: jax.Array, num_heads: int) -> jax.Array:
+    """Same function as `self_attention_reference` as native XLA:CPU custom calls (float32)."""
+    _split(qkv, num_heads)  # validates the shape
+    if qkv.dtype != jnp.float32 or qkv.size == 0 or not native.available():
+        return self_attention_reference(qkv, num_heads)
+    return _self_attention_native(qkv, int(num_heads))
+
+
+def attention_native(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Same function as `attention_reference`; natively when q, k, v share one shape (packs them)."""
+    _check(q, k, v)
+    if q.shape != k.shape:
+        return attention_reference(q, k, v)
+    b, n, h, d = q.shape
+    qkv = jnp.concatenate([a.reshape(b, n, h * d) for a in (q, k, v)], axis=-1)
+    return self_attention_native(qkv, h).reshape(b, n, h, d)
