@@ -6,11 +6,14 @@ in interleaved rounds (medians), the forward pass and the whole forward +
 backward (value and gradients wrt x and kernel) of each implementation, and
 prints GFLOP/s (2 * N * Ho * Wo * kh * kw * C * O per convolution, i.e. per
 forward, per input gradient and per weight gradient). For GroupNorm it prints
-milliseconds of the forward pass and of forward + backward. The process
+milliseconds of the forward pass and of forward + backward; likewise for the
+default DiT's dense layers and attention (GFLOP/s) and its adaLN and GELU
+(milliseconds). The process
 starts with `diffusion_jax.ops.allocator.keep_freed_memory()`, as launch.py.
 
     .venv/bin/python bench/bench_ops.py                 # all shapes, batch 128
     .venv/bin/python bench/bench_ops.py --batch 64 --rounds 5 --only conv
+    .venv/bin/python bench/bench_ops.py --only dit
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ CONV_SHAPES = [
     (7, 256, 128, 3, 1),
 ]
 GN_SHAPES = [(28, 64), (28, 128), (14, 128), (7, 256)]  # (H=W, C), 32 groups
+# The default DiT (28x28, patch 2: 196 tokens, width 256, 4 heads, MLP 1024): dense (in, out).
+DENSE_SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256)]
 
 
 def _interleaved(fns: dict, args: tuple, rounds: int) -> dict[str, float]:
@@ -125,11 +130,40 @@ def bench_group_norm(batch: int, rounds: int) -> None:
         print(_row(f"{h}x{h}x{c}", 16, t, lambda sec: 1e3 * sec, lambda sec: 1e3 * sec), flush=True)
 
 
+def bench_dit(batch: int, rounds: int) -> None:
+    """The DiT's dense layers and attention in GFLOP/s; its adaLN and GELU in milliseconds."""
+    n, d, heads = 196, 256, 4
+    keys = iter(jax.random.split(jax.random.key(2), 32))
+    print(f"\nDiT ops, batch {batch} x {n} tokens: dense and attention GFLOP/s, adaLN and GELU ms "
+          f"(median of {rounds})")
+    print(_header(24))
+    for k, o in DENSE_SHAPES:
+        x = jax.random.normal(next(keys), (batch, n, k))
+        params = (jax.random.normal(next(keys), (k, o)), jnp.zeros((o,)))
+        dy = jax.random.normal(next(keys), (batch, n, o))
+        flop = 2 * batch * n * k * o / 1e9
+        t = _time_impls("dense", lambda impl, x, w, b: impl(x, w, b), x, params, dy, rounds)
+        print(_row(f"dense {k}->{o}", 24, t, lambda sec: flop / sec, lambda sec: 3 * flop / sec), flush=True)
+    qkv = jax.random.normal(next(keys), (batch, n, 3 * d))
+    dy = jax.random.normal(next(keys), (batch, n, d))
+    flop = 4 * batch * n * n * d / 1e9  # q k^T and p v
+    t = _time_impls("self_attention", lambda impl, a: impl(a, heads), qkv, (), dy, rounds)
+    print(_row(f"attention {heads}x{d // heads}", 24, t, lambda sec: flop / sec, lambda sec: 3 * flop / sec),
+          flush=True)
+    x = jax.random.normal(next(keys), (batch, n, d))
+    mod = (jax.random.normal(next(keys), (batch, d)), jax.random.normal(next(keys), (batch, d)))
+    t = _time_impls("adaptive_layer_norm", lambda impl, x, a, b: impl(x, a, b), x, mod, x, rounds)
+    print(_row(f"adaLN {n}x{d}", 24, t, lambda sec: 1e3 * sec, lambda sec: 1e3 * sec), flush=True)
+    h = jax.random.normal(next(keys), (batch, n, 4 * d))
+    t = _time_impls("gelu", lambda impl, x: impl(x), h, (), h, rounds)
+    print(_row(f"gelu {n}x{4 * d}", 24, t, lambda sec: 1e3 * sec, lambda sec: 1e3 * sec), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=("conv", "group_norm"), default=None)
+    parser.add_argument("--only", choices=("conv", "group_norm", "dit"), default=None)
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.1f}, jax {jax.__version__} ({jax.default_backend()})")
@@ -137,6 +171,8 @@ def main() -> None:
         bench_conv(args.batch, args.rounds)
     if args.only in (None, "group_norm"):
         bench_group_norm(args.batch, args.rounds)
+    if args.only in (None, "dit"):
+        bench_dit(args.batch, args.rounds)
     print(f"# load average after: {os.getloadavg()[0]:.1f}")
 
 
