@@ -222,7 +222,7 @@ def test_dit_native_matches_reference_and_uses_the_custom_calls():
             fn = jax.jit(jax.value_and_grad(loss))
             text = fn.lower(params).as_text()
             results[mode] = fn(params)
-        targets = ("dj_matmul_bias", "dj_dense_backward", "dj_attention_forward", "dj_attention_backward",
+        targets = ("dj_dense_forward", "dj_dense_backward", "dj_attention_forward", "dj_attention_backward",
                    "dj_adaln_forward", "dj_adaln_backward", "dj_gelu_forward", "dj_gelu_backward")
         assert all((t in text) == (mode == "native") for t in targets), mode
     (lr, gr), (ln, gn) = results["reference"], results["native"]

@@ -84,6 +84,11 @@ def selected() -> str:
     return "fast"
 
 
+def _implementation(op: str):
+    """The function `<op>_<selected()>` of this package, e.g. `dense_native`."""
+    return globals()[f"{op}_{selected()}"]
+
+
 @contextlib.contextmanager
 def forced(mode: str) -> Iterator[None]:
     """Traces inside the block use `mode` ("auto", "reference", "fast" or "native").
@@ -112,8 +117,7 @@ def conv2d(
     padding: str | Sequence[tuple[int, int]] = "SAME",
 ) -> jax.Array:
     """y[n, i, j, o] = sum_{h, w, c} x[n, s*i + h, s*j + w, c] * kernel[h, w, c, o] (NHWC x HWIO)."""
-    impl = globals()[f"conv2d_{selected()}"]
-    return impl(x, kernel, strides=strides, padding=padding)
+    return _implementation("conv2d")(x, kernel, strides=strides, padding=padding)
 
 
 def group_norm(
@@ -125,35 +129,34 @@ def group_norm(
     epsilon: float = 1e-5,
 ) -> jax.Array:
     """GroupNorm (Wu & He 2018) over NHWC; float32 statistics, output in x's dtype."""
-    impl = globals()[f"group_norm_{selected()}"]
-    return impl(x, scale, bias, num_groups=num_groups, epsilon=epsilon)
+    return _implementation("group_norm")(x, scale, bias, num_groups=num_groups, epsilon=epsilon)
 
 
 def adaptive_layer_norm(
     x: jax.Array, shift: jax.Array, scale: jax.Array, *, epsilon: float = 1e-6
 ) -> jax.Array:
     """adaLN: LayerNorm(x)[b, t] * (1 + scale[b]) + shift[b] over x [B, L, D], no learned affine."""
-    return globals()[f"adaptive_layer_norm_{selected()}"](x, shift, scale, epsilon=epsilon)
+    return _implementation("adaptive_layer_norm")(x, shift, scale, epsilon=epsilon)
 
 
 def gelu(x: jax.Array) -> jax.Array:
     """GELU, tanh approximation: x / 2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return globals()[f"gelu_{selected()}"](x)
+    return _implementation("gelu")(x)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """y[..., o] = sum_i x[..., i] kernel[i, o] + bias[o]."""
-    return globals()[f"dense_{selected()}"](x, kernel, bias)
+    return _implementation("dense")(x, kernel, bias)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Multi-head softmax(q k^T / sqrt(D)) v over [B, L, H, D]; float32 logits and softmax."""
-    return globals()[f"attention_{selected()}"](q, k, v)
+    return _implementation("attention")(q, k, v)
 
 
 def self_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     """`attention` of q, k, v packed as [B, L, 3 * num_heads * D] -> [B, L, num_heads * D]."""
-    return globals()[f"self_attention_{selected()}"](qkv, num_heads)
+    return _implementation("self_attention")(qkv, num_heads)
 
 
 __all__ = [

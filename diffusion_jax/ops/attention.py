@@ -38,14 +38,20 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         )
 
 
-def _split(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    b, n, c = qkv.shape if qkv.ndim == 3 else (None, None, None)
-    if qkv.ndim != 3 or num_heads < 1 or c % (3 * num_heads):
+def _head_dim(qkv: jax.Array, num_heads: int) -> int:
+    """D of a packed qkv [B, L, 3 * num_heads * D]; raises on any other shape."""
+    if qkv.ndim != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(
             f"self_attention: qkv must be [B, L, 3 * num_heads * head_dim], got shape {qkv.shape} "
             f"with num_heads={num_heads}"
         )
-    return tuple(a.reshape(b, n, num_heads, -1) for a in jnp.split(qkv, 3, axis=-1))
+    return qkv.shape[-1] // (3 * num_heads)
+
+
+def _split(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, n, _ = qkv.shape
+    d = _head_dim(qkv, num_heads)
+    return tuple(a.reshape(b, n, num_heads, d) for a in jnp.split(qkv, 3, axis=-1))
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -68,20 +74,17 @@ self_attention_fast = self_attention_reference
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _self_attention_native(qkv, num_heads):
-    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
-    return native.attention_forward(qkv, num_heads, scale)[0]
+    return _self_attention_native_fwd(qkv, num_heads)[0]
 
 
 def _self_attention_native_fwd(qkv, num_heads):
-    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
-    o, lse = native.attention_forward(qkv, num_heads, scale)
+    o, lse = native.attention_forward(qkv, num_heads, _head_dim(qkv, num_heads) ** -0.5)
     return o, (qkv, o, lse)
 
 
 def _self_attention_native_bwd(num_heads, residuals, do):
     qkv, o, lse = residuals
-    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
-    return (native.attention_backward(qkv, o, lse, do, num_heads, scale),)
+    return (native.attention_backward(qkv, o, lse, do, num_heads, _head_dim(qkv, num_heads) ** -0.5),)
 
 
 _self_attention_native.defvjp(_self_attention_native_fwd, _self_attention_native_bwd)
@@ -89,7 +92,7 @@ _self_attention_native.defvjp(_self_attention_native_fwd, _self_attention_native
 
 def self_attention_native(qkv: jax.Array, num_heads: int) -> jax.Array:
     """Same function as `self_attention_reference` as native XLA:CPU custom calls (float32)."""
-    _split(qkv, num_heads)  # validates the shape
+    _head_dim(qkv, num_heads)  # validates the shape
     if qkv.dtype != jnp.float32 or qkv.size == 0 or not native.available():
         return self_attention_reference(qkv, num_heads)
     return _self_attention_native(qkv, int(num_heads))

@@ -24,7 +24,9 @@
 // across blocks in double (in the order threads finish, so a double's last
 // bits may differ between runs), then folded into groups.
 
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
 #include <omp.h>
 
 #include <array>
@@ -56,8 +58,10 @@ dnnl::engine& Engine() {
 // Shape of one convolution: N, H, W, C, O, KH, KW, Ho, Wo, sh, sw, pt, pl, pb, pr.
 using ConvKey = std::array<int64_t, 15>;
 
+// FNV-1a over the int64 entries of a primitive cache's key (array or vector).
 struct KeyHash {
-  size_t operator()(const ConvKey& k) const {
+  template <typename Key>
+  size_t operator()(const Key& k) const {
     size_t h = 1469598103934665603ull;
     for (int64_t v : k) h = (h ^ static_cast<size_t>(v)) * 1099511628211ull;
     return h;
@@ -386,10 +390,9 @@ ffi::Error GroupNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scal
 
 
 // ---------------------------------------------------------------------------
-// Strided (batched) matrix products as oneDNN matmul primitives. A transpose
-// or a head slice of a [B, L, H, D] tensor is only a choice of strides, so no
-// operand is ever copied. Primitives are cached per (dims, strides) of the
-// three operands; they run with a user scratchpad (a per-thread buffer), so
+// Strided (batched) matrix products as oneDNN matmul primitives; a transposed
+// operand is only a choice of strides, not a copy. Primitives are cached per
+// (dims, strides) of the three operands; they run with a user scratchpad (a per-thread buffer), so
 // XLA may execute custom calls on several threads at once.
 
 struct Operand {
@@ -397,14 +400,6 @@ struct Operand {
 };
 
 using MatmulKey = std::vector<int64_t>;
-
-struct VecHash {
-  size_t operator()(const std::vector<int64_t>& k) const {
-    size_t h = 1469598103934665603ull;
-    for (int64_t v : k) h = (h ^ static_cast<size_t>(v)) * 1099511628211ull;
-    return h;
-  }
-};
 
 struct MatmulPrim {
   memory::desc a_md, b_md, bias_md, c_md, scratch_md;
@@ -420,7 +415,7 @@ std::shared_ptr<const MatmulPrim> GetMatmul(const Operand& a, const Operand& b, 
     key.insert(key.end(), o->strides.begin(), o->strides.end());
   }
   static std::mutex mu;
-  static std::unordered_map<MatmulKey, std::shared_ptr<const MatmulPrim>, VecHash> cache;
+  static std::unordered_map<MatmulKey, std::shared_ptr<const MatmulPrim>, KeyHash> cache;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
@@ -477,30 +472,18 @@ Operand Matrix(int64_t rows, int64_t cols, bool t) {
   return t ? Operand{{rows, cols}, {1, rows}} : Operand{{rows, cols}, {cols, 1}};
 }
 
-// c[M, N] = op(a) op(b) (+ bias[N]) for rank-2 row-major buffers.
-ffi::Error MatmulImpl(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b, const float* bias,
-                      ffi::ResultBuffer<ffi::F32>& c, int64_t ta, int64_t tb) {
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
-    return Check(false, "dj_matmul: expected rank-2 buffers");
-  const int64_t m = ta ? ad[1] : ad[0], kk = ta ? ad[0] : ad[1];
-  const int64_t n = tb ? bd[0] : bd[1], kb = tb ? bd[1] : bd[0];
-  if (kb != kk || cd[0] != m || cd[1] != n) return Check(false, "dj_matmul: shape mismatch");
+// Forward pass of a dense layer, y = x w + bias for x [M, K], w [K, N].
+ffi::Error DenseForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[0] || yd[0] != xd[0] ||
+      yd[1] != wd[1] || bias.element_count() != wd[1])
+    return Check(false, "dj_dense_forward: expected x [M, K], w [K, N], bias [N]");
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
   return Guard([&] {
-    RunMatmul(Matrix(m, kk, ta), a.typed_data(), Matrix(kk, n, tb), b.typed_data(),
-              Matrix(m, n, false), c->typed_data(), bias);
+    RunMatmul(Matrix(m, k, false), x.typed_data(), Matrix(k, n, false), w.typed_data(),
+              Matrix(m, n, false), y->typed_data(), bias.typed_data());
   });
-}
-
-ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
-                  int64_t ta, int64_t tb) {
-  return MatmulImpl(a, b, nullptr, c, ta, tb);
-}
-
-ffi::Error MatmulBias(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
-                      int64_t tb) {
-  return MatmulImpl(a, b, bias.typed_data(), c, ta, tb);
 }
 
 // Backward pass of y = x w + bias for x [M, K], w [K, N]:
@@ -962,22 +945,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGroupNormBackward, GroupNormBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("groups"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DjMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("ta")
-                                  .Attr<int64_t>("tb"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DjMatmulBias, MatmulBias,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjDenseForward, DenseForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("ta")
-                                  .Attr<int64_t>("tb"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()

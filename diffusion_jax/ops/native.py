@@ -47,8 +47,7 @@ _TARGETS = {
     "dj_conv2d_backward_weights": "DjConv2dBackwardWeights",
     "dj_group_norm_forward": "DjGroupNormForward",
     "dj_group_norm_backward": "DjGroupNormBackward",
-    "dj_matmul": "DjMatmul",
-    "dj_matmul_bias": "DjMatmulBias",
+    "dj_dense_forward": "DjDenseForward",
     "dj_dense_backward": "DjDenseBackward",
     "dj_attention_forward": "DjAttentionForward",
     "dj_attention_backward": "DjAttentionBackward",
@@ -197,16 +196,10 @@ def group_norm_backward(x, scale, mean, rstd, dy, num_groups):
     )(x, scale, mean, rstd, dy, groups=np.int64(num_groups))
 
 
-def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, bias=None):
-    """op(a) @ op(b) (+ bias) by oneDNN; a, b rank-2 float32, op = transpose when asked."""
-    m = a.shape[1] if transpose_a else a.shape[0]
-    n = b.shape[0] if transpose_b else b.shape[1]
-    out = jax.ShapeDtypeStruct((m, n), np.float32)
-    args = (a, b) if bias is None else (a, b, bias)
-    target = "dj_matmul" if bias is None else "dj_matmul_bias"
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-        *args, ta=np.int64(transpose_a), tb=np.int64(transpose_b)
-    )
+def dense_forward(x, kernel, bias):
+    """x @ kernel + bias by one oneDNN matmul; x [M, K], kernel [K, N], bias [N], float32."""
+    out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), np.float32)
+    return jax.ffi.ffi_call("dj_dense_forward", out, vmap_method="sequential")(x, kernel, bias)
 
 
 def dense_backward(x, kernel, dy):
