@@ -1,4 +1,4 @@
-"""Tests for the transformer-side ops: dense, attention, adaptive LayerNorm, GELU.
+"""Tests for the transformer-side ops: dense, attention, adaptive LayerNorm, GELU, gated residual.
 
 Each native implementation (XLA:CPU custom calls, `cpu_kernels.cc`) and the
 reference one are checked against independent float64 numpy computations:
@@ -197,6 +197,37 @@ def test_gelu_native_saturates_like_the_formula():
     np.testing.assert_allclose(_impl("gelu_native")(jnp.asarray(x, jnp.float32)), np_gelu(x), rtol=1e-6, atol=1e-30)
 
 
+# ---------------------------------------------------------------------------- gated residual
+
+
+def np_gated_residual(x, gate, h):
+    return x + gate[:, None, :] * h
+
+
+@pytest.mark.parametrize("impl", ["gated_residual_reference", "gated_residual_native"])
+@pytest.mark.parametrize("shape", [(3, 5, 17), (2, 196, 256)])
+def test_gated_residual_matches_float64(impl, shape):
+    rng = np.random.default_rng(9)
+    x, h = rng.standard_normal((2, *shape))
+    gate = rng.standard_normal((shape[0], shape[2]))
+    _check(_impl(impl), np_gated_residual, [x, gate, h])
+
+
+def test_gated_residual_native_gate_gradient_sums_over_tokens():
+    # dgate[b] = sum_t dy[b, t] h[b, t]: with dy = 1 and h = t + 1 it is L (L + 1) / 2 in every entry.
+    b, n, d = 3, 50, 20
+    h = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32)[None, :, None], (b, n, d))
+    dgate = jax.grad(lambda g: jnp.sum(_impl("gated_residual_native")(jnp.zeros((b, n, d)), g, h)))(
+        jnp.zeros((b, d))
+    )
+    np.testing.assert_array_equal(dgate, np.full((b, d), n * (n + 1) / 2, np.float32))
+
+
+def test_gated_residual_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="gate \\[B, D\\]"):
+        ops.gated_residual(jnp.ones((2, 3, 4)), jnp.ones((2, 3)), jnp.ones((2, 3, 4)))
+
+
 # ---------------------------------------------------------------------------- in the DiT
 
 
@@ -223,7 +254,8 @@ def test_dit_native_matches_reference_and_uses_the_custom_calls():
             text = fn.lower(params).as_text()
             results[mode] = fn(params)
         targets = ("dj_dense_forward", "dj_dense_backward", "dj_attention_forward", "dj_attention_backward",
-                   "dj_adaln_forward", "dj_adaln_backward", "dj_gelu_forward", "dj_gelu_backward")
+                   "dj_adaln_forward", "dj_adaln_backward", "dj_gelu_forward", "dj_gelu_backward",
+                   "dj_gated_residual_backward")
         assert all((t in text) == (mode == "native") for t in targets), mode
     (lr, gr), (ln, gn) = results["reference"], results["native"]
     assert abs(float(ln) - float(lr)) <= 1e-5 * abs(float(lr))
@@ -240,6 +272,7 @@ def test_dispatch_covers_the_transformer_ops(monkeypatch):
             ("self_attention", lambda: ops.self_attention(x, 1)),
             ("adaptive_layer_norm", lambda: ops.adaptive_layer_norm(x, jnp.ones((1, 6)), jnp.ones((1, 6)))),
             ("gelu", lambda: ops.gelu(x)),
+            ("gated_residual", lambda: ops.gated_residual(x, jnp.ones((1, 6)), x)),
         ]:
             seen = []
             impl = getattr(ops, f"{name}_{mode}")

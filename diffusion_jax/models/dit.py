@@ -13,7 +13,8 @@ Flax Linen, for the same reasons as the UNet (plain parameter pytree).
 
 LN is parameter-free (elementwise_affine off), as in the paper; LN followed
 by the modulation is one `ops.adaptive_layer_norm`, attention one
-`ops.self_attention` over the packed qkv projection. Because the
+`ops.self_attention` over the packed qkv projection, and each gated residual
+one `ops.gated_residual`. Because the
 modulation Dense layers and the final Dense start at zero, every block starts
 as the identity and the network's initial output is exactly zero.
 """
@@ -77,14 +78,14 @@ class DiTBlock(nn.Module):
         h = ops.self_attention(qkv, self.num_heads)
         h = dense(d, self.dtype, name="attn_out")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        x = x + gate1[:, None, :] * h
+        x = ops.gated_residual(x, gate1, h)
 
         h = ops.adaptive_layer_norm(x, shift2, scale2, epsilon=1e-6)
         h = dense(int(d * self.mlp_ratio), self.dtype, name="mlp_0")(h)
         h = ops.gelu(h)
         h = dense(d, self.dtype, name="mlp_1")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        return x + gate2[:, None, :] * h
+        return ops.gated_residual(x, gate2, h)
 
 
 class DiT(nn.Module):

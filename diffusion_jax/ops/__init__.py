@@ -2,9 +2,9 @@
 
 This package is the single place where the arithmetic of the networks' layers
 lives: `conv2d` and `group_norm` (UNet), `dense`, `self_attention` /
-`attention`, `adaptive_layer_norm` and `gelu` (DiT, and the UNet's attention
-and embeddings). `diffusion_jax.models.layers` wraps the parametrised ones in
-Flax modules. A faster implementation for one backend is chosen here and
+`attention`, `adaptive_layer_norm`, `gelu` and `gated_residual` (DiT, and the
+UNet's attention and embeddings). `diffusion_jax.models.layers` wraps the
+parametrised ones in Flax modules. A faster implementation for one backend is chosen here and
 every network picks it up.
 
 Dispatch (decided when a function is traced):
@@ -13,9 +13,9 @@ Dispatch (decided when a function is traced):
   implementations. On CPU, the native kernels (`conv2d_native`,
   `group_norm_native`: oneDNN convolutions and C++ GroupNorm as XLA FFI
   custom calls, `diffusion_jax.ops.native`; likewise `dense_native`,
-  `self_attention_native`, `adaptive_layer_norm_native`, `gelu_native`)
-  when they are available and the
-  process sees a single device; otherwise the pure-XLA fast ones
+  `self_attention_native`, `adaptive_layer_norm_native`, `gelu_native`,
+  `gated_residual_native`) when they are available and the process sees a
+  single device; otherwise the pure-XLA fast ones
   (`conv2d_fast`, `group_norm_fast`: custom VJPs tuned for XLA:CPU). The
   custom calls have no SPMD partitioning rule, so with several CPU devices
   (``--xla_force_host_platform_device_count``, multi-process CPU runs) XLA
@@ -60,6 +60,11 @@ from diffusion_jax.ops.norm import (
     group_norm_fast,
     group_norm_native,
     group_norm_reference,
+)
+from diffusion_jax.ops.residual import (
+    gated_residual_fast,
+    gated_residual_native,
+    gated_residual_reference,
 )
 
 ENV_VAR = "DIFFUSION_JAX_OPS"
@@ -144,6 +149,11 @@ def gelu(x: jax.Array) -> jax.Array:
     return _implementation("gelu")(x)
 
 
+def gated_residual(x: jax.Array, gate: jax.Array, h: jax.Array) -> jax.Array:
+    """x + gate[b] * h over x, h [B, L, D] and gate [B, D] (adaLN-Zero's gated residual)."""
+    return _implementation("gated_residual")(x, gate, h)
+
+
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """y[..., o] = sum_i x[..., i] kernel[i, o] + bias[o]."""
     return _implementation("dense")(x, kernel, bias)
@@ -179,6 +189,10 @@ __all__ = [
     "dense_native",
     "dense_reference",
     "forced",
+    "gated_residual",
+    "gated_residual_fast",
+    "gated_residual_native",
+    "gated_residual_reference",
     "gelu",
     "gelu_fast",
     "gelu_native",

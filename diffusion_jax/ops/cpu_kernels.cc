@@ -1,5 +1,6 @@
 // XLA:CPU custom calls (XLA FFI) for the networks' convolutions and GroupNorm
-// (UNet) and their dense layers, attention, adaptive LayerNorm and GELU (DiT).
+// (UNet) and their dense layers, attention, adaptive LayerNorm, GELU and
+// gated residuals (DiT).
 // Each section below states the formula it implements.
 //
 // Built on first use by diffusion_jax/ops/native.py (g++, oneDNN from the
@@ -818,6 +819,40 @@ ffi::Error AdaLNBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
 }
 
 // ---------------------------------------------------------------------------
+// Gated residual of DiT's adaLN-Zero blocks, y = x + gate[b] * h over
+// x, h [B, L, D], gate [B, D]. Forward is left to XLA (one fused pass);
+// backward, besides dx = dy:
+//   dh[b, t] = gate[b] * dy[b, t],   dgate[b] = sum_t dy[b, t] * h[b, t]
+// in one pass over dy and h, threads owning whole images (no shared sums).
+ffi::Error GatedResidualBackward(ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> h,
+                                 ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dh,
+                                 ffi::ResultBuffer<ffi::F32> dgate) {
+  auto d = h.dimensions(), gd = gate.dimensions();
+  if (d.size() != 3 || gd.size() != 2 || gd[0] != d[0] || gd[1] != d[2])
+    return Check(false, "dj_gated_residual_backward: expected gate [B, D], h [B, L, D]");
+  const int64_t nb = d[0], l = d[1], c = d[2];
+  const float *gp = gate.typed_data(), *hp = h.typed_data(), *yp = dy.typed_data();
+  float *dhp = dh->typed_data(), *dgp = dgate->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* g = gp + b * c;
+    float* acc = dgp + b * c;
+    std::fill(acc, acc + c, 0.f);
+    for (int64_t t = 0; t < l; ++t) {
+      const int64_t q = (b * l + t) * c;
+      const float *hr = hp + q, *yr = yp + q;
+      float* out = dhp + q;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        out[j] = g[j] * yr[j];
+        acc[j] += yr[j] * hr[j];
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
 // GELU, tanh approximation (Hendrycks & Gimpel 2016), written with the
 // identity 1 + tanh(u) = 2 sigmoid(2u):
 //   y  = x s,  s = 1 / (1 + exp(-z)),  z = 2c (x + a x^3),  c = sqrt(2/pi), a = 0.044715
@@ -996,4 +1031,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGeluBackward, GeluBackward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjGatedResidualBackward, GatedResidualBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

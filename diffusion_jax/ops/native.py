@@ -4,7 +4,8 @@
 passes of a 2-D convolution (oneDNN primitives, NHWC x HWIO, float32),
 GroupNorm's forward and backward passes, dense layers (oneDNN matmuls),
 multi-head self-attention (oneDNN matmuls around a vectorised softmax, one
-image per thread), the DiT's adaptive LayerNorm and the tanh GELU. This module compiles it on first use
+image per thread), the DiT's adaptive LayerNorm, the tanh GELU and the
+backward pass of its gated residuals. This module compiles it on first use
 with the system C++ compiler against
 
 * oneDNN's library and headers from the ``cpu`` extra
@@ -55,6 +56,7 @@ _TARGETS = {
     "dj_adaln_backward": "DjAdaLNBackward",
     "dj_gelu_forward": "DjGeluForward",
     "dj_gelu_backward": "DjGeluBackward",
+    "dj_gated_residual_backward": "DjGatedResidualBackward",
 }
 CACHE_ENV_VAR = "DIFFUSION_JAX_CACHE"
 
@@ -257,3 +259,12 @@ def gelu_backward(x, dy):
     """dL/dx of the tanh-approximate GELU for output gradient dy."""
     return jax.ffi.ffi_call("dj_gelu_backward", jax.ShapeDtypeStruct(x.shape, np.float32),
                             vmap_method="broadcast_all")(x, dy)
+
+
+def gated_residual_backward(gate, h, dy):
+    """(dh, dgate) of y = x + gate[:, None] * h for gate [B, D], h and dy [B, L, D], float32."""
+    return jax.ffi.ffi_call(
+        "dj_gated_residual_backward",
+        (jax.ShapeDtypeStruct(h.shape, np.float32), jax.ShapeDtypeStruct(gate.shape, np.float32)),
+        vmap_method="sequential",
+    )(gate, h, dy)
