@@ -32,11 +32,12 @@ def reference_flops(lower: Callable[[], Any]) -> float:
         return flops_of(lower())
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    """Best of `reps` float32 [n, n] @ [n, n] matmuls by XLA, in GFLOP/s (2 n^3 FLOPs each).
+def matmul_timer(n: int = 2048) -> Callable[[int], float]:
+    """A function reps -> the best of `reps` float32 [n, n] @ [n, n] XLA matmuls, in GFLOP/s.
 
-    The machine's practical peak: the best run, not the median, so that load
-    from other processes can only lower a utilisation divided by it.
+    2 n^3 FLOPs each; the operands are made and the matmul compiled once, here,
+    so a benchmark can sample the peak between its own timed steps and divide
+    each step by the peak measured under the same load.
     """
     import jax
     import jax.numpy as jnp
@@ -45,9 +46,22 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+
+    def best_gflops(reps: int) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mm(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 / best / 1e9
+
+    return best_gflops
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """Best of `reps` float32 [n, n] @ [n, n] matmuls by XLA, in GFLOP/s (2 n^3 FLOPs each).
+
+    The machine's practical peak: the best run, not the median, so that load
+    from other processes can only lower a utilisation divided by it.
+    """
+    return matmul_timer(n)(reps)
