@@ -7,8 +7,8 @@ backward (value and gradients wrt x and kernel) of each implementation, and
 prints GFLOP/s (2 * N * Ho * Wo * kh * kw * C * O per convolution, i.e. per
 forward, per input gradient and per weight gradient). For GroupNorm it prints
 milliseconds of the forward pass and of forward + backward; likewise for the
-default DiT's dense layers and attention (GFLOP/s) and its adaLN and GELU
-(milliseconds). The process
+default DiT's dense layers and attention (GFLOP/s) and its adaLN, GELU and
+gated residual (milliseconds). The process
 starts with `diffusion_jax.ops.allocator.keep_freed_memory()`, as launch.py.
 
     .venv/bin/python bench/bench_ops.py                 # all shapes, batch 128
@@ -131,10 +131,10 @@ def bench_group_norm(batch: int, rounds: int) -> None:
 
 
 def bench_dit(batch: int, rounds: int) -> None:
-    """The DiT's dense layers and attention in GFLOP/s; its adaLN and GELU in milliseconds."""
+    """The DiT's dense layers and attention in GFLOP/s; its adaLN, GELU and gated residual in milliseconds."""
     n, d, heads = 196, 256, 4
     keys = iter(jax.random.split(jax.random.key(2), 32))
-    print(f"\nDiT ops, batch {batch} x {n} tokens: dense and attention GFLOP/s, adaLN and GELU ms "
+    print(f"\nDiT ops, batch {batch} x {n} tokens: dense and attention GFLOP/s; adaLN, GELU, gated residual ms "
           f"(median of {rounds})")
     print(_header(24))
     for k, o in DENSE_SHAPES:
@@ -157,6 +157,9 @@ def bench_dit(batch: int, rounds: int) -> None:
     h = jax.random.normal(next(keys), (batch, n, 4 * d))
     t = _time_impls("gelu", lambda impl, x: impl(x), h, (), h, rounds)
     print(_row(f"gelu {n}x{4 * d}", 24, t, lambda sec: 1e3 * sec, lambda sec: 1e3 * sec), flush=True)
+    gate, branch = jax.random.normal(next(keys), (batch, d)), jax.random.normal(next(keys), (batch, n, d))
+    t = _time_impls("gated_residual", lambda impl, x, g, h: impl(x, g, h), x, (gate, branch), x, rounds)
+    print(_row(f"gated residual {n}x{d}", 24, t, lambda sec: 1e3 * sec, lambda sec: 1e3 * sec), flush=True)
 
 
 def main() -> None:
