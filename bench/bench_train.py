@@ -9,8 +9,8 @@ utilisation MFU = (FLOPs per step / step time) / matmul peak.
 
 The peak is sampled between the timed steps (the best of 5 [n, n] matmuls right after each step), and
 MFU is the median over steps of each step's utilisation of the peak measured next to it, so that both
-sides of the ratio see the same load; on a shared VM the peak alone moved between 190 and 260 GFLOP/s
-within minutes. The best-of-10 peak measured once at the end, and the MFU against it, are printed too.
+sides of the ratio see the same load; on this project's shared VM the peak alone moved between 145 and
+290 GFLOP/s within minutes (2026-11-26). The best-of-10 peak measured once at the end, and the MFU against it, are printed too.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flops import matmul_peak_gflops, matmul_timer, reference_flops  # noqa: E402
+from flops import matmul_timer, reference_flops  # noqa: E402
 
 from diffusion_jax import models, ops  # noqa: E402
 from diffusion_jax.train import config as config_lib, parallel, sampling  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv):
     step_s = float(np.median(times))
     peak = float(np.median(peaks))
     mfus = [flops / t / p for t, p in zip(times, peaks)]
-    best_peak = matmul_peak_gflops(FLAGS.matmul_size) * 1e9
+    best_peak = peak_now(10) * 1e9
     mem = jax.devices()[0].memory_stats() or {}
     peak_bytes = mem.get("peak_bytes_in_use")
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

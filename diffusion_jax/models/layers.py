@@ -1,10 +1,11 @@
 """The one place for convolution and normalisation in every network.
 
-`Conv`, `GroupNorm`, `LayerNorm` and `Dense` hold the parameters (float32) and delegate
-the arithmetic to `diffusion_jax.ops.conv2d` / `diffusion_jax.ops.group_norm`,
-so a faster kernel for one backend, swapped in inside `diffusion_jax.ops`,
-reaches the UNet and the DiT at once. `Dense` does the same through
-`ops.dense`, and both networks' attention calls `ops.attention`.
+`Conv`, `GroupNorm`, `LayerNorm` and `Dense` hold the parameters (float32)
+and delegate the arithmetic to `diffusion_jax.ops.conv2d` /
+`diffusion_jax.ops.group_norm` / `diffusion_jax.ops.dense`, so a faster kernel
+for one backend, swapped in inside `diffusion_jax.ops`, reaches the UNet and
+the DiT at once. The parameter-free ops (attention, adaLN, GELU, the gated
+residual) are called from the networks directly (`ops.self_attention` etc.).
 
 Compute dtype: parameters are always stored in float32; `dtype` ("float32" or
 "bfloat16") is the dtype the activations and the cast kernels are computed in.

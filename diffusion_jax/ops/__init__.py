@@ -4,8 +4,8 @@ This package is the single place where the arithmetic of the networks' layers
 lives: `conv2d` and `group_norm` (UNet), `dense`, `self_attention` /
 `attention`, `adaptive_layer_norm`, `gelu` and `gated_residual` (DiT, and the
 UNet's attention and embeddings). `diffusion_jax.models.layers` wraps the
-parametrised ones in Flax modules. A faster implementation for one backend is chosen here and
-every network picks it up.
+parametrised ones in Flax modules. A faster implementation for one backend is
+chosen here and every network picks it up.
 
 Dispatch (decided when a function is traced):
 
@@ -15,7 +15,8 @@ Dispatch (decided when a function is traced):
   custom calls, `diffusion_jax.ops.native`; likewise `dense_native`,
   `self_attention_native`, `adaptive_layer_norm_native`, `gelu_native`,
   `gated_residual_native`) when they are available and the process sees a
-  single device; otherwise the pure-XLA fast ones
+  single device (`native.usable` says which operands each takes); otherwise
+  the pure-XLA fast ones
   (`conv2d_fast`, `group_norm_fast`: custom VJPs tuned for XLA:CPU). The
   custom calls have no SPMD partitioning rule, so with several CPU devices
   (``--xla_force_host_platform_device_count``, multi-process CPU runs) XLA

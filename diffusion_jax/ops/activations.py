@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from diffusion_jax.ops import native
 
@@ -44,6 +43,6 @@ _gelu_native.defvjp(_gelu_native_fwd, _gelu_native_bwd)
 
 def gelu_native(x: jax.Array) -> jax.Array:
     """Same function as `gelu_reference` as native XLA:CPU custom calls (float32)."""
-    if x.dtype != jnp.float32 or x.size == 0 or not native.available():
+    if not native.usable(x):
         return gelu_reference(x)
     return _gelu_native(x)

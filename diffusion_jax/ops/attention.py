@@ -11,12 +11,13 @@ attention layers compute.
 * `*_reference`: two einsums around `jax.nn.softmax`, differentiated by
   autodiff; the path on GPU/TPU ("fast" uses it too).
 * `self_attention_native`: two XLA:CPU custom calls (`cpu_kernels.cc`) that
-  read q, k and v out of the packed array by strides. The forward pass keeps
+  copy each image's q, k and v heads out of the packed array into head-major
+  buffers (one image per thread). The forward pass keeps
   only the output and the per-row log-sum-exp; the backward pass recomputes
   the probabilities from them (as FlashAttention does, Dao et al. 2022) and
-  writes dq, dk, dv straight into one packed gradient. Both work through the
-  batch a few images at a time, so the [L, L] score blocks stay in cache and
-  the [B, H, L, L] tensor is never stored; the products are oneDNN matmuls.
+  writes dq, dk, dv straight into one packed gradient. Working one image at a
+  time per thread keeps its [H, L, L] score blocks in cache, and the
+  [B, H, L, L] tensor is never stored; the products are oneDNN matmuls.
   Float32 only; other dtypes and hosts without the native kernels take the
   reference. `attention_native` packs q, k, v and calls it.
 """
@@ -93,7 +94,7 @@ _self_attention_native.defvjp(_self_attention_native_fwd, _self_attention_native
 def self_attention_native(qkv: jax.Array, num_heads: int) -> jax.Array:
     """Same function as `self_attention_reference` as native XLA:CPU custom calls (float32)."""
     _head_dim(qkv, num_heads)  # validates the shape
-    if qkv.dtype != jnp.float32 or qkv.size == 0 or not native.available():
+    if not native.usable(qkv):
         return self_attention_reference(qkv, num_heads)
     return _self_attention_native(qkv, int(num_heads))
 

@@ -588,8 +588,9 @@ float ExpRow(float* x, int64_t n, float a, float b) {
 #endif
 }
 
-// q, k, v come packed as qkv [B, L, 3, H, D] (one projection's output, split
-// by strides rather than copies); o is [B, L, H, D] and dqkv has qkv's layout.
+// q, k, v come packed as qkv [B, L, 3, H, D] (one projection's output; each
+// image's heads are copied into head-major buffers); o is [B, L, H, D] and
+// dqkv has qkv's layout.
 struct AttentionLayout {
   int64_t b, l, h, d;
   int64_t Row() const { return 3 * h * d; }        // token stride in qkv / dqkv

@@ -67,14 +67,7 @@ _dense_native.defvjp(_dense_native_fwd, _dense_native_bwd)
 def dense_native(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """Same function as `dense_reference`, its products as oneDNN matmuls (float32, XLA:CPU)."""
     _check(x, kernel, bias)
-    if (
-        x.dtype != jnp.float32
-        or kernel.dtype != jnp.float32
-        or (bias is not None and bias.dtype != jnp.float32)
-        or x.ndim < 2
-        or x.size == 0
-        or not native.available()
-    ):
+    if x.ndim < 2 or not native.usable(x, kernel, *([] if bias is None else [bias])):
         return dense_reference(x, kernel, bias)
     k, o = kernel.shape
     b = jnp.zeros((o,), jnp.float32) if bias is None else bias

@@ -1,4 +1,4 @@
-"""Native XLA:CPU kernels: oneDNN convolutions and a hand-written GroupNorm.
+"""Native XLA:CPU kernels from `cpu_kernels.cc`: oneDNN primitives and hand-written C++ loops.
 
 `cpu_kernels.cc` (next to this file) holds XLA FFI handlers for the three
 passes of a 2-D convolution (oneDNN primitives, NHWC x HWIO, float32),
@@ -16,8 +16,9 @@ with the system C++ compiler against
 
 caches the shared library under ``$DIFFUSION_JAX_CACHE`` (default
 ``~/.cache/diffusion_jax``; the file name hashes the source, the compiler
-command, the jaxlib version and this CPU's model and flags; written to a temporary name and renamed, so a
-crash never leaves a half-written library behind) and registers the handlers
+command, the jaxlib version and this CPU's model and flags; written to a
+temporary name and renamed, so a crash never leaves a half-written library
+behind) and registers the handlers
 with `jax.ffi.register_ffi_target` for the CPU platform.
 
 `available()` says whether this worked; when it did not (no compiler, no
@@ -151,6 +152,12 @@ def available() -> bool:
 def reason() -> str | None:
     """Why the native kernels are unavailable (None when they are available)."""
     return _load()
+
+
+def usable(x, *operands) -> bool:
+    """Whether a native kernel takes these arrays: all float32, the activation `x`
+    non-empty, and the library built and registered (see `available`)."""
+    return all(a.dtype == np.float32 for a in (x, *operands)) and x.size > 0 and available()
 
 
 def _conv_call(target: str, a, b, out_shape, strides, pads):

@@ -234,9 +234,7 @@ def _adaln_native_fwd(x, shift, scale, epsilon):
 
 
 def _adaln_native_bwd(epsilon, residuals, dy):
-    x, scale, mean, rstd = residuals
-    dx, dshift, dscale = native.adaptive_layer_norm_backward(x, scale, mean, rstd, dy)
-    return dx, dshift, dscale
+    return native.adaptive_layer_norm_backward(*residuals, dy)
 
 
 _adaln_native.defvjp(_adaln_native_fwd, _adaln_native_bwd)
@@ -249,10 +247,6 @@ def adaptive_layer_norm_native(x, shift, scale, *, epsilon: float = 1e-6):
     `adaptive_layer_norm_fast`.
     """
     _check_adaln(x, shift, scale)
-    if (
-        any(a.dtype != jnp.float32 for a in (x, shift, scale))
-        or x.size == 0
-        or not native.available()
-    ):
+    if not native.usable(x, shift, scale):
         return adaptive_layer_norm_fast(x, shift, scale, epsilon=epsilon)
     return _adaln_native(x, shift, scale, float(epsilon))

@@ -18,7 +18,6 @@ at the DiT's [128, 196, 256]).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from diffusion_jax.ops import native
 
@@ -31,22 +30,24 @@ def _check(x: jax.Array, gate: jax.Array, h: jax.Array) -> None:
         )
 
 
+def _apply(x, gate, h):
+    return x + gate[:, None, :] * h
+
+
 def gated_residual_reference(x: jax.Array, gate: jax.Array, h: jax.Array) -> jax.Array:
     """x + gate[:, None, :] * h."""
     _check(x, gate, h)
-    return x + gate[:, None, :] * h
+    return _apply(x, gate, h)
 
 
 gated_residual_fast = gated_residual_reference
 
 
-@jax.custom_vjp
-def _gated_residual_native(x, gate, h):
-    return x + gate[:, None, :] * h
+_gated_residual_native = jax.custom_vjp(_apply)
 
 
 def _gated_residual_native_fwd(x, gate, h):
-    return x + gate[:, None, :] * h, (gate, h)
+    return _apply(x, gate, h), (gate, h)
 
 
 def _gated_residual_native_bwd(residuals, dy):
@@ -61,6 +62,6 @@ _gated_residual_native.defvjp(_gated_residual_native_fwd, _gated_residual_native
 def gated_residual_native(x: jax.Array, gate: jax.Array, h: jax.Array) -> jax.Array:
     """Same function as `gated_residual_reference`, its backward pass one C++ loop (float32)."""
     _check(x, gate, h)
-    if any(a.dtype != jnp.float32 for a in (x, gate, h)) or x.size == 0 or not native.available():
+    if not native.usable(x, gate, h):
         return gated_residual_reference(x, gate, h)
     return _gated_residual_native(x, gate, h)
