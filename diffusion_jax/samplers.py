@@ -1,44 +1,53 @@
-"""Samplers: pure reverse-step functions and one jit-able loop, `sample`.
+"""Samplers: registered frozen dataclasses that carry their settings, for every process.
 
-Index convention as in `diffusion_jax.schedules`: t in [0, T); a target timestep
-t_prev = -1 means clean data (abar = 1). Notation alpha_t = sqrt(abar_t),
-sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) (half log-SNR).
+    sampler = samplers.make("heun", num_steps=18)           # or samplers.Heun(num_steps=18)
+    denoise = samplers.denoiser(model_fn, process, "edm")    # model_fn(x_in, c_noise) -> output
+    x0 = samplers.draw(sampler, denoise, process, shape, key)
 
-Step functions (explicit noise, no hidden state):
-  ddpm_step           ancestral step of Ho et al. 2020 (Algorithm 2) with the correct noise
-                      scale sigma_t (the seed's noise term is garbled; see `diffusion_jax.diffusion`).
-  ddim_step           Song et al. 2021 (DDIM, eq. 12) from t to any t_prev < t, eta in [0, 1].
-  dpm_solver_pp_step  DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++", Algorithm 2): a
-                      multistep second-order solver of the diffusion ODE in data-prediction form.
+A sampler walks a decreasing grid of process times t_0 > ... > t_N = t_clean (`time_grid`),
+calling `denoise(x, t) -> Prediction(x0, eps, out)` at the first N of them. Every formula is
+written with a = a(t), s = s(t) of the process (x_t = a x0 + s eps), sigma = s / a and
+lambda = log(a / s), so each sampler works for every process: the probability-flow ODE
+of any such process is dy/dsigma = (y - x0_hat) / sigma = eps_hat in y = x / a
+(Karras et al. 2022, eq. 4 with s(t) = a, sigma(t) = s / a).
 
-`sample` runs a whole trajectory inside one `lax.scan` and is traceable, so it can be
-called inside a caller's `jax.jit` with a `denoise_fn` that closes over traced params.
-Methods are registered in `SAMPLERS` (name -> loop function).
+    name              NFE        paper
+    ddpm              N          Ho et al. 2020, Algorithm 2 (ancestral; respaced: DDIM, eta = 1)
+    ddim              N          Song et al. 2021, eq. 12 (eta)
+    euler             N          Karras et al. 2022, Algorithm 1 without the correction (= DDIM, eta = 0)
+    heun              2N - 1     Karras et al. 2022, Algorithm 1
+    edm_sde           2N - 1     Karras et al. 2022, Algorithm 2 (S_churn, S_noise, S_min, S_max)
+    dpm_solver_pp     N          Lu et al. 2022, DPM-Solver++(2M), Algorithm 2
+    dpm_solver_pp_3m  N          Lu et al. 2022, DPM-Solver++(3M) (multistep, third order)
+
+Heun and edm_sde take an Euler step where their correction is undefined: into clean data
+(sigma = 0, as in EDM) and out of pure noise (sigma = inf, flow at t = 1); NFE counts that.
+A new sampler is one registered class here (its fields are its config.sample settings).
+
+`sample(denoise_fn, schedule, ...)` and the step functions are the discrete-DDPM API of
+earlier versions, unchanged in results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
-from diffusion_jax.diffusion import PREDICTIONS, VARIANCES, p_mean_variance, predict_eps, predict_x0
+from diffusion_jax import diffusion, processes
+from diffusion_jax.diffusion import PREDICTIONS, VARIANCES, p_mean_variance
+from diffusion_jax.processes import DDPM, nearest_decreasing_steps
 from diffusion_jax.schedules import Schedule
 
 __all__ = [
-    "ddpm_step",
-    "ddim_step",
-    "dpm_solver_pp_step",
-    "make_timesteps",
-    "sample",
-    "SAMPLERS",
-    "METHODS",
-    "SPACINGS",
-    "DEFAULT_SPACING",
+    "Prediction", "denoiser", "draw", "time_grid", "GRIDS", "SAMPLERS", "NAMES", "make",
+    "from_config", "default_settings", "ddim_update", "dpmpp_update",
+    "ddpm_step", "ddim_step", "dpm_solver_pp_step", "make_timesteps", "sample",
+    "METHODS", "SPACINGS", "DEFAULT_SPACING",
 ]
 
 
@@ -47,363 +56,675 @@ def _check(field, value, allowed):
         raise ValueError(f"{field} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _alpha_sigma_ext(schedule: Schedule, t, ndim: int):
-    """(alpha, sigma) at t, with t = -1 giving the clean limit (1, 0); shaped to broadcast."""
-    t = jnp.asarray(t, jnp.int32)
-    idx = jnp.maximum(t, 0)
-    clean = t < 0
-    a = jnp.where(clean, 1.0, schedule.sqrt_alphas_cumprod[idx])
-    s = jnp.where(clean, 0.0, schedule.sqrt_one_minus_alphas_cumprod[idx])
-    shape = a.shape + (1,) * (ndim - a.ndim)
-    return a.reshape(shape), s.reshape(shape), clean.reshape(shape)
+def _bcast(v, ndim):
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-# ----------------------------------------------------------------------------- steps
+# ----------------------------------------------------------------------------- denoiser
 
 
-def ddpm_step(
-    schedule: Schedule,
-    x_t,
-    t,
-    model_output,
-    noise,
-    *,
-    prediction: str = "eps",
-    variance: str = "small",
-    clip_x0=None,
-) -> jax.Array:
-    """x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. 2020, Algorithm 2); no noise at t = 0.
+class Prediction(NamedTuple):
+    """What a sampler gets from the network at (x_t, t): x0_hat, eps_hat and the raw output."""
 
-    sigma_t^2 is the posterior variance ("small"), beta_t ("large") or the learned
-    interpolation ("learned_range"), see `diffusion.p_mean_variance`.
-    """
-    out = p_mean_variance(
-        schedule, x_t, t, model_output, prediction=prediction, variance=variance, clip_x0=clip_x0
-    )
-    t = jnp.asarray(t, jnp.int32)
-    nonzero = (t > 0).astype(x_t.dtype)
-    nonzero = nonzero.reshape(nonzero.shape + (1,) * (x_t.ndim - nonzero.ndim))
-    return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+    x0: jax.Array
+    eps: jax.Array
+    out: jax.Array
 
 
-def ddim_step(
-    schedule: Schedule,
-    x_t,
-    t,
-    t_prev,
-    model_output,
-    *,
-    eta: float = 0.0,
-    noise=None,
-    prediction: str = "eps",
-    clip_x0=None,
-) -> jax.Array:
-    """DDIM step from t to t_prev (Song et al. 2021, eq. 12), t_prev = -1 meaning abar = 1:
+def denoiser(model_fn: Callable, process, prediction: str = "eps", clip_x0=None) -> Callable:
+    """denoise(x_t, t) -> Prediction for a network `model_fn(x_in, c_noise)`, whose inputs the
+    process makes (`network_inputs`, EDM's c_in and c_noise) and whose output of type
+    `prediction` it converts. With 2C output channels (a learned variance) the first C are
+    the prediction. clip_x0: None, True ([-1, 1]) or a bound for x0_hat; eps_hat is then
+    recomputed from the clipped x0_hat."""
+    processes.check_prediction(process, prediction)
 
-        x_prev = alpha_prev x0_hat + sqrt(sigma_prev^2 - s^2) eps_hat + s z,
-        s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    def denoise(x, t):
+        t = jnp.asarray(t)  # a scalar time stays one for the conversions
+        out = model_fn(*process.network_inputs(x, jnp.broadcast_to(t, (x.shape[0],))))
+        m = out[..., : x.shape[-1]] if out.shape[-1] != x.shape[-1] else out
+        x0 = diffusion._clip(processes.to_x0(process, x, t, m, prediction), clip_x0)
+        if clip_x0 is None or clip_x0 is False:
+            eps = processes.to_eps(process, x, t, m, prediction)
+        else:
+            a, s = process.alpha_sigma(t)
+            eps = (x - _bcast(a, x.ndim) * x0) / _bcast(s, x.ndim)
+        return Prediction(x0, eps, out)
 
-    eta = 0 is deterministic; eta = 1 is the ancestral DDPM step ("small" variance) on the
-    respaced schedule. With clip_x0, eps_hat is recomputed from the clipped x0_hat.
-    """
-    _check("prediction", prediction, PREDICTIONS)
-    nd = x_t.ndim
-    x0 = diffusion._clip(predict_x0(schedule, x_t, t, model_output, prediction), clip_x0)
-    a_t, s_t, _ = _alpha_sigma_ext(schedule, t, nd)
-    eps = (x_t - a_t * x0) / s_t if clip_x0 not in (None, False) else predict_eps(
-        schedule, x_t, t, model_output, prediction
-    )
-    a_p, s_p, _ = _alpha_sigma_ext(schedule, t_prev, nd)
+    return denoise
+
+
+# ----------------------------------------------------------------------------- updates
+
+
+def ddim_update(x, pred: Prediction, a, s, a_next, s_next, *, eta=0.0, noise=None,
+                variance_preserving=True):
+    """DDIM from (a, s) to (a_next, s_next) (Song et al. 2021, eq. 12, any Gaussian process):
+
+        x_next = a_next x0_hat + sqrt(s_next^2 - c^2) eps_hat + c z,
+        c^2 = eta^2 (s_next / s)^2 (s^2 - (a / a_next)^2 s_next^2),
+
+    eta^2 times the posterior variance of q(x_next | x_t, x0) (for a VP process the last
+    factor is 1 - (a / a_next)^2). eta = 0 is Euler on the probability-flow ODE in sigma."""
     if isinstance(eta, (int, float)) and eta == 0.0:
-        return a_p * x0 + s_p * eps
+        return a_next * pred.x0 + s_next * pred.eps
     if noise is None:
         raise ValueError("ddim_step: eta > 0 needs `noise` (an array shaped like x_t)")
-    # s^2 = eta^2 (sigma_p^2 / sigma_t^2) (1 - abar_t / abar_p)
-    step_var = (eta**2) * (s_p / s_t) ** 2 * (1.0 - (a_t / a_p) ** 2)
-    dir_scale = jnp.sqrt(jnp.maximum(s_p**2 - step_var, 0.0))
-    return a_p * x0 + dir_scale * eps + jnp.sqrt(step_var) * noise
+    transition = 1.0 - (a / a_next) ** 2 if variance_preserving else s * s - (a / a_next) ** 2 * s_next**2
+    step_var = (eta**2) * (s_next / s) ** 2 * transition
+    dir_scale = jnp.sqrt(jnp.maximum(s_next**2 - step_var, 0.0))
+    return a_next * pred.x0 + dir_scale * pred.eps + jnp.sqrt(step_var) * noise
 
 
-def _dpmpp_update(schedule, x_t, t, t_prev, x0, prev_x0, prev_t, use_prev):
-    """One DPM-Solver++(2M) update given the data predictions (Lu et al. 2022, Algorithm 2):
+def _half_log_snr(a, s):
+    """lambda = log(a / s), with s = 0 read as lambda = +inf's stand-in 0 (masked by callers)."""
+    return jnp.log(a) - jnp.log(jnp.where(s > 0, s, 1.0))
 
-        h_i = lambda_{t_prev} - lambda_t,  r_i = h_{i-1} / h_i,
-        D_i = (1 + 1/(2 r_i)) x0_t - 1/(2 r_i) x0_{prev_t}     (first order: D_i = x0_t),
-        x_{t_prev} = (sigma_{t_prev} / sigma_t) x_t - alpha_{t_prev} (exp(-h_i) - 1) D_i.
 
-    The step to the clean limit (t_prev = -1, sigma = 0, h = inf) is first order and
-    returns D_i = x0_t, as the formula gives in that limit.
+def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
+    """One DPM-Solver++ multistep update (Lu et al. 2022) in data-prediction form,
+    h = lambda_next - lambda, x_next = (s_next / s) x - a_next (exp(-h) - 1) D:
+
+      order 1: D = x0;
+      order 2 (2M, Algorithm 2): D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h;
+      order 3 (3M): with r0 = h_prev / h, r1 = h_prev2 / h, D1_0 = (x0 - x0_prev) / r0,
+        D1_1 = (x0_prev - x0_prev2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
+        D2 = (D1_0 - D1_1) / (r0 + r1):
+        x_next = (s_next / s) x - a_next (e^-h - 1) x0 + a_next ((e^-h - 1) / h + 1) D1
+                 - a_next ((e^-h - 1 + h) / h^2 - 1/2) D2.
+
+    history: ((x0_prev, a_prev, s_prev), (x0_prev2, a_prev2, s_prev2)) as far as needed, each
+    with a `use` mask through `order`. Into clean data (s_next = 0, h = inf) the update is
+    x_next = x0, the first-order limit. A previous point at lambda = -inf (pure noise) gives
+    r = inf, so the update falls back to the lower order there by itself.
     """
-    nd = x_t.ndim
-    a_t, s_t, _ = _alpha_sigma_ext(schedule, t, nd)
-    a_n, s_n, final = _alpha_sigma_ext(schedule, t_prev, nd)
-    a_p, s_p, _ = _alpha_sigma_ext(schedule, prev_t, nd)
-    lam_t = jnp.log(a_t) - jnp.log(s_t)
-    lam_n = jnp.log(a_n) - jnp.log(jnp.where(final, 1.0, s_n))
-    lam_p = jnp.log(a_p) - jnp.log(jnp.where(s_p > 0, s_p, 1.0))
-    h = jnp.where(final, 1.0, lam_n - lam_t)
-    r = (lam_t - lam_p) / h
-    second = jnp.logical_and(jnp.asarray(use_prev), jnp.logical_not(final))
-    c = jnp.where(second, 0.5 / jnp.where(second, r, 1.0), 0.0)
-    d = x0 + c * (x0 - prev_x0)
-    ratio = jnp.where(final, 0.0, s_n / s_t)
-    phi = jnp.where(final, 1.0, -a_n * jnp.expm1(-h))
-    return ratio * x_t + phi * d
+    final = s_next == 0
+    lam, lam_n = _half_log_snr(a, s), _half_log_snr(a_next, s_next)
+    h = jnp.where(final, 1.0, lam_n - lam)
+    ratio = jnp.where(final, 0.0, s_next / s)
+    phi = jnp.where(final, 1.0, -a_next * jnp.expm1(-h))
+    if order == 1 or not history:
+        return ratio * x + phi * x0
+    (x0_p, a_p, s_p, use_p) = history[0]
+    lam_p = _half_log_snr(a_p, s_p)
+    r0 = (lam - lam_p) / h
+    second = jnp.logical_and(use_p, jnp.logical_not(final))
+    c = jnp.where(second, 0.5 / jnp.where(second, r0, 1.0), 0.0)
+    if order == 2:
+        return ratio * x + phi * (x0 + c * (x0 - x0_p))
+    (x0_pp, a_pp, s_pp, use_pp) = history[1]
+    third = jnp.logical_and(use_pp, second)
+    r1 = jnp.where(third, (lam_p - _half_log_snr(a_pp, s_pp)) / h, 1.0)
+    r0 = jnp.where(third, r0, 1.0)
+    d1_0 = (x0 - x0_p) / r0
+    d1_1 = (x0_p - x0_pp) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    em1 = jnp.expm1(-h)
+    third_order = (ratio * x - a_next * em1 * x0 + a_next * (em1 / h + 1.0) * d1
+                   - a_next * ((em1 + h) / (h * h) - 0.5) * d2)
+    second_order = ratio * x + phi * (x0 + c * (x0 - x0_p))
+    return jnp.where(third, third_order, second_order)
 
 
-def dpm_solver_pp_step(
-    schedule: Schedule,
-    x_t,
-    t,
-    t_prev,
-    model_output,
-    *,
-    prev_x0=None,
-    prev_t=None,
-    prediction: str = "eps",
-    clip_x0=None,
-):
-    """DPM-Solver++(2M) step from t to t_prev (t_prev = -1: clean limit).
-
-    prev_x0 is the data prediction made at the previous (larger) timestep prev_t; without
-    it the step is first order (equal to DDIM). Returns (x_{t_prev}, x0_hat at t); feed the
-    second value back as prev_x0 (with prev_t = t) in the next step.
-    """
-    _check("prediction", prediction, PREDICTIONS)
-    x0 = diffusion._clip(predict_x0(schedule, x_t, t, model_output, prediction), clip_x0)
-    if prev_x0 is None:
-        return _dpmpp_update(schedule, x_t, t, t_prev, x0, x0, t, False), x0
-    if prev_t is None:
-        raise ValueError("dpm_solver_pp_step: prev_x0 needs prev_t, the timestep it was predicted at")
-    return _dpmpp_update(schedule, x_t, t, t_prev, x0, prev_x0, prev_t, True), x0
+# ----------------------------------------------------------------------------- time grids
 
 
-# ----------------------------------------------------------------------------- timesteps
+def _sigma_spaced(spacing: Callable[[float, float, int], np.ndarray]):
+    """A grid from decreasing noise levels on the process's [sigma_min, sigma_max], mapped to
+    its times, the first replaced by t_max (where every sampler of the process starts)."""
+
+    def grid(process, n, rho):
+        lo, hi = process.sigma_range()
+        ts = np.array(process.times_for_sigmas(spacing(lo, hi, n, rho)))
+        ts[0] = process.t_max
+        return ts
+
+    return grid
 
 
-def _leading(T, n):
+def _rho(lo, hi, n, rho):
+    """Karras et al. 2022, eq. 5: sigma_i = (hi^(1/rho) + i/(n-1) (lo^(1/rho) - hi^(1/rho)))^rho."""
+    i = np.arange(n) / max(n - 1, 1)
+    return (hi ** (1 / rho) + i * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def _logsnr(lo, hi, n, rho):
+    """lambda = -log sigma uniform (Lu et al. 2022, DPM-Solver sec. 3.3)."""
+    return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+
+
+def _linear(process, n, rho):
+    """n times uniform from t_max to the time of sigma_min (DDPM: linspace(T - 1, 0))."""
+    lo = 0 if process.discrete else process.times_for_sigmas(np.array([process.sigma_range()[0]]))[0]
+    ts = np.linspace(process.t_max, lo, n)
+    return np.round(ts).astype(np.int64) if process.discrete else ts
+
+
+def _trailing(process, n, rho):
+    """t_max - i (t_max - t_clean) / n: uniform steps that end on clean data
+    (Lin et al. 2024, Table 2; DDPM: round(T - i T / n) - 1)."""
+    if process.discrete:
+        T = process.num_timesteps
+        return np.round(T - np.arange(n) * (T / n)).astype(np.int64) - 1
+    return process.t_max - np.arange(n) * (process.t_max - process.t_clean) / n
+
+
+def _leading(process, n, rho):
+    """0, T//n, 2 T//n, ... reversed (DDIM paper, diffusers' default; DDPM only)."""
+    if not process.discrete:
+        raise ValueError(f"grid 'leading' is for the discrete process 'ddpm', not {process.name!r}")
+    T = process.num_timesteps
     return (np.arange(n) * (T // n))[::-1]
 
 
-def _trailing(T, n):
-    # Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2.
-    return np.round(T - np.arange(n) * (T / n)).astype(np.int64) - 1
+GRIDS: dict[str, Callable] = {
+    "rho": _sigma_spaced(_rho),
+    "logsnr": _sigma_spaced(_logsnr),
+    "linear": _linear,
+    "trailing": _trailing,
+    "leading": _leading,
+}
 
 
-def _linspace(T, n):
-    return np.round(np.linspace(T - 1, 0, n)).astype(np.int64)
+def time_grid(process, num_steps: int, grid: str = "rho", rho: float = 7.0) -> np.ndarray:
+    """Decreasing times t_0 = t_max > ... > t_{N-1} of the N network calls, then t_N = t_clean
+    (numpy, [N + 1]; int32 for DDPM). Grids: "rho" (EDM, eq. 5), "logsnr" (uniform half
+    log-SNR), both on the process's [sigma_min, sigma_max]; "linear" (uniform t down to the
+    time of sigma_min), "trailing" (uniform t ending on clean data), "leading" (DDPM only)."""
+    _check("grid", grid, GRIDS)
+    limit = process.num_timesteps if process.discrete else math.inf
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= limit:
+        bound = f"[1, num_timesteps={limit}]" if process.discrete else ">= 1"
+        raise ValueError(f"num_steps must be an integer in {bound}, got {num_steps!r}")
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    ts = np.asarray(GRIDS[grid](process, int(num_steps), float(rho)))
+    ts = np.concatenate([ts, [process.t_clean]])
+    if process.discrete:
+        ts = ts.astype(np.int32)
+    else:
+        ts = ts.astype(np.float64)
+    if not np.all(np.diff(ts) < 0):
+        raise ValueError(f"grid {grid!r} with num_steps={num_steps} does not decrease strictly: {ts}")
+    return ts
 
 
-# Lower end of the "logsnr" grid: sigma / alpha = 80, the largest noise level of Karras et
-# al. 2022 (EDM, sigma_max = 80 for data in [-1, 1]); below it the data prediction hardly
-# changes, so steps spent there (e.g. on the clipped tail of the cosine schedule) are wasted.
+# ----------------------------------------------------------------------------- samplers
+
+
+def _is_concrete(ts) -> bool:
+    return not isinstance(ts, jax.core.Tracer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Settings every sampler has: num_steps N (>= 1), the time grid ("" = the sampler's
+    default) and EDM's rho (> 0) for the "rho" grid."""
+
+    num_steps: int = 20
+    grid: str = ""
+    rho: float = 7.0
+
+    name: ClassVar[str] = ""
+    default_grid: ClassVar[str] = "rho"
+
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if self.grid:
+            _check("grid", self.grid, GRIDS)
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
+
+    def times(self, process) -> np.ndarray:
+        """The sampler's grid for `process` (`time_grid`)."""
+        return time_grid(process, self.num_steps, self.grid or self.default_grid, self.rho)
+
+    def nfe(self, process) -> int:
+        """Network evaluations per sample (a guided call counts once here)."""
+        return self.num_steps
+
+    def __call__(self, denoise, process, x_T, key=None, *, ts=None, return_trajectory=False):
+        """x0 from x_T (drawn at t_0: `draw` does that) on `ts` (default: `times(process)`).
+        Returns x0, or (x0, trajectory [N + 1, ...] from x_T) with return_trajectory."""
+        ts = self.times(process) if ts is None else ts
+        x, ys = self._run(denoise, process, x_T, key, ts, return_trajectory)
+        if not return_trajectory:
+            return x
+        return x, jnp.concatenate([x_T[None], ys], axis=0)
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        raise NotImplementedError
+
+
+def _steps(process, ts):
+    """Per step i: (t_i, a_i, s_i, t_{i+1}, a_{i+1}, s_{i+1}), as scan inputs."""
+    ts = jnp.asarray(ts)
+    a, s = process.alpha_sigma(ts)
+    return ts[:-1], a[:-1], s[:-1], ts[1:], a[1:], s[1:]
+
+
+def _alpha_sigma_at(process, t, ndim):
+    """(a(t), s(t)) of one scalar time, shaped to broadcast against a rank-ndim batch."""
+    a, s = process.alpha_sigma(t)
+    return _bcast(a, ndim), _bcast(s, ndim)
+
+
+def _step_keys(key, n):
+    return jax.random.split(key, n) if key is not None else jnp.zeros((n, 2), jnp.uint32)
+
+
+SAMPLERS: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: adds a sampler to SAMPLERS under its `name`."""
+    SAMPLERS[cls.name] = cls
+    return cls
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021, eq. 12) with eta in [0, 1] (0: deterministic, 1: ancestral)."""
+
+    eta: float = 0.0
+
+    name: ClassVar[str] = "ddim"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
+            raise ValueError(f"eta must be a number in [0, 1], got {self.eta!r}")
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        eta = float(self.eta)
+        vp = process.variance_preserving
+        if eta > 0 and key is None:
+            raise ValueError(f"{self.name} with eta > 0 needs a PRNG key")
+
+        def body(x, inp):
+            t, t_n, k = inp
+            (a, s), (a_n, s_n) = _alpha_sigma_at(process, t, x.ndim), _alpha_sigma_at(process, t_n, x.ndim)
+            noise = jax.random.normal(k, x.shape, x.dtype) if eta > 0 else None
+            x = ddim_update(x, denoise(x, t), a, s, a_n, s_n, eta=eta, noise=noise, variance_preserving=vp)
+            return x, (x if keep else None)
+
+        ts = jnp.asarray(ts)
+        return jax.lax.scan(body, x, (ts[:-1], ts[1:], _step_keys(key, ts.shape[0] - 1)))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Euler(Sampler):
+    """Euler on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 1 without its
+    second-order correction): y_{i+1} = y_i + (sigma_{i+1} - sigma_i) eps_hat, which is
+    x_{i+1} = a_{i+1} x0_hat + s_{i+1} eps_hat, DDIM with eta = 0."""
+
+    name: ClassVar[str] = "euler"
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        return DDIM(eta=0.0)._run(denoise, process, x, None, ts, keep)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Ancestral(Sampler):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2): x_{t-1} = mu_theta(x_t, t) + sigma_t z.
+
+    On all T steps of a DDPM process the step is `ddpm_step` with the process's variance
+    (small, large or learned). On any other grid it samples the posterior q(x_next | x_t,
+    x0_hat), i.e. DDIM with eta = 1 (posterior variance only)."""
+
+    name: ClassVar[str] = "ddpm"
+    default_grid: ClassVar[str] = "trailing"
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        if key is None:
+            raise ValueError("ddpm sampling needs a PRNG key")
+        # T + 1 strictly decreasing integer times from T - 1 to -1 are all T steps.
+        full = process.discrete and jnp.shape(ts)[0] == process.num_timesteps + 1
+        if not full:
+            if process.discrete and process.variance != "small":
+                raise ValueError(
+                    f"method='ddpm' with num_steps={jnp.shape(ts)[0] - 1} < T={process.num_timesteps} "
+                    f"(respaced) supports variance='small' only, got {process.variance!r}; use all T steps")
+            return DDIM(eta=1.0)._run(denoise, process, x, key, ts, keep)
+        def body(x, inp):
+            t, k = inp
+            pred = denoise(x, t)
+            x = _ancestral_table_step(process, x, t, pred, jax.random.normal(k, x.shape, x.dtype))
+            return x, (x if keep else None)
+
+        n = process.num_timesteps
+        return jax.lax.scan(body, x, (jnp.arange(n - 1, -1, -1, dtype=jnp.int32), _step_keys(key, n)))
+
+
+def _ancestral_table_step(process: DDPM, x, t, pred: Prediction, noise):
+    """The DDPM step from its posterior tables, with x0_hat already converted (and clipped)."""
+    tb = jnp.full((x.shape[0],), t, jnp.int32)
+    out = p_mean_variance(process.schedule, x, tb, _as_x0_output(pred, x, process.variance),
+                          prediction="x0", variance=process.variance)
+    nonzero = (tb > 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+
+
+def _as_x0_output(pred: Prediction, x, variance):
+    if variance == "learned_range":
+        return jnp.concatenate([pred.x0, pred.out[..., x.shape[-1]:]], axis=-1)
+    return pred.x0
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Heun(Sampler):
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1):
+
+        y_e = y_i + (sigma_{i+1} - sigma_i) d_i,   d_i = (y_i - x0_hat(y_i)) / sigma_i = eps_hat_i,
+        y_{i+1} = y_i + (sigma_{i+1} - sigma_i) (d_i + d_e) / 2,   d_e at (y_e, sigma_{i+1}),
+
+    in y = x / a; an Euler step where sigma_{i+1} = 0 or sigma_i = inf."""
+
+    name: ClassVar[str] = "heun"
+
+    def nfe(self, process) -> int:
+        return int(sum(1 + h for h in _heun_mask(process, self.times(process))))
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        return _second_order_scan(denoise, process, x, ts, keep, churn=None)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class EDMStochastic(Sampler):
+    """The EDM stochastic sampler (Karras et al. 2022, Algorithm 2): before each Heun step,
+    raise the noise level to sigma_hat = sigma_i (1 + gamma_i), gamma_i = min(s_churn / N,
+    sqrt(2) - 1) for s_tmin <= sigma_i <= s_tmax (else 0), adding noise of std
+    s_noise sqrt(sigma_hat^2 - sigma_i^2) in y = x / a. On a DDPM process sigma_hat moves
+    to the nearest discrete level. s_churn = 0 is `heun`."""
+
+    s_churn: float = 40.0
+    s_noise: float = 1.003
+    s_tmin: float = 0.05
+    s_tmax: float = 50.0
+
+    name: ClassVar[str] = "edm_sde"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for field in ("s_churn", "s_noise", "s_tmin"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.s_tmax, (int, float)) and self.s_tmax >= self.s_tmin):
+            raise ValueError(f"s_tmax must be a number >= s_tmin={self.s_tmin}, got {self.s_tmax!r}")
+
+    def nfe(self, process) -> int:
+        return Heun(self.num_steps, self.grid, self.rho).nfe(process)
+
+    def churned_times(self, process, ts: np.ndarray) -> np.ndarray:
+        """t_hat_i, the time of sigma_hat_i (numpy)."""
+        sig = process.sigma_of_t(ts[:-1])
+        gamma = np.where((sig >= self.s_tmin) & (sig <= self.s_tmax) & np.isfinite(sig),
+                         min(self.s_churn / self.num_steps, math.sqrt(2.0) - 1.0), 0.0)
+        if process.discrete:
+            hat = np.asarray(process.t_of_sigma(jnp.asarray(sig * (1 + gamma), jnp.float32)))
+            return np.maximum(hat, ts[:-1]).astype(np.int32)  # never below t_i
+        return np.where(gamma > 0, process.t_of_sigma(sig * (1 + gamma)), ts[:-1])
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        if key is None:
+            raise ValueError("edm_sde needs a PRNG key")
+        return _second_order_scan(denoise, process, x, ts, keep,
+                                  churn=(self.churned_times(process, np.asarray(ts)), float(self.s_noise), key))
+
+
+def _heun_mask(process, ts) -> np.ndarray:
+    """1 where a step gets Heun's correction: sigma_{i+1} > 0 and sigma_i finite."""
+    ts = np.asarray(ts)
+    sig = process.sigma_of_t(ts)
+    return (np.isfinite(sig[:-1]) & (sig[1:] > 0)).astype(np.int32)
+
+
+def _second_order_scan(denoise, process, x, ts, keep, churn):
+    """Heun steps (Algorithm 1), with EDM's churn before each (Algorithm 2) when given."""
+    if not _is_concrete(ts):
+        raise ValueError("heun and edm_sde need a concrete (numpy) time grid")
+    ts_np = np.asarray(ts)
+    n = ts_np.shape[0] - 1
+    t_hat = ts_np[:-1] if churn is None else churn[0]
+    t, a, s, t_n, a_n, s_n = _steps(process, ts_np)
+    a_hat, s_hat = process.alpha_sigma(jnp.asarray(t_hat))
+    heun = jnp.asarray(_heun_mask(process, ts_np).astype(bool))
+    keys = _step_keys(None if churn is None else churn[2], n)
+
+    def body(x, inp):
+        t_i, a_i, s_i, th, ah, sh, tn, an, sn, second, k = inp
+        if churn is not None:  # y_hat = y_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z, x = a y
+            sig_i, sig_h = s_i / a_i, sh / ah
+            extra = jnp.sqrt(jnp.maximum(sig_h**2 - sig_i**2, 0.0)) * churn[1]
+            x = (ah / a_i) * x + ah * extra * jax.random.normal(k, x.shape, x.dtype)
+        pred = denoise(x, th)
+        x_e = an * pred.x0 + sn * pred.eps  # Euler: y_e = y + (sigma_n - sigma) eps_hat
+
+        def correct(x_e):
+            d_e = denoise(x_e, tn).eps
+            sig_h, sig_n = sh / ah, sn / an
+            return an * (x / ah + (sig_n - sig_h) * 0.5 * (pred.eps + d_e))
+
+        x = jax.lax.cond(second, correct, lambda x_e: x_e, x_e)
+        return x, (x if keep else None)
+
+    return jax.lax.scan(body, x, (t, a, s, jnp.asarray(t_hat), a_hat, s_hat, t_n, a_n, s_n, heun, keys))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DPMSolverPP(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order in lambda;
+    first order on its first step and into clean data (`dpmpp_update`)."""
+
+    name: ClassVar[str] = "dpm_solver_pp"
+    order: ClassVar[int] = 2
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        t, a, s, t_n, a_n, s_n = _steps(process, ts)
+        idx = jnp.arange(jnp.shape(ts)[0] - 1)
+        zeros, one = jnp.zeros_like(x), jnp.ones((), a.dtype)
+
+        def body(carry, inp):
+            x, h1, h2 = carry  # (x0, a, s) of the two previous calls
+            t_i, a_i, s_i, _, an, sn, i = inp
+            x0 = denoise(x, t_i).x0
+            hist = ((*h1, i >= 1), (*h2, i >= 2))
+            x = dpmpp_update(x, x0, a_i, s_i, an, sn, hist, order=self.order)
+            return (x, (x0, a_i, s_i), h1), (x if keep else None)
+
+        init = (x, (zeros, one, one), (zeros, one, one))
+        (x, _, _), ys = jax.lax.scan(body, init, (t, a, s, t_n, a_n, s_n, idx))
+        return x, ys
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DPMSolverPP3M(DPMSolverPP):
+    """DPM-Solver++(3M): multistep, third order in lambda after two warm-up steps
+    (first, then second order), first order into clean data (`dpmpp_update`)."""
+
+    name: ClassVar[str] = "dpm_solver_pp_3m"
+    order: ClassVar[int] = 3
+
+
+NAMES = tuple(SAMPLERS)
+
+
+def make(name: str, **settings) -> Sampler:
+    """A sampler by name with its settings: make("edm_sde", num_steps=18, s_churn=40)."""
+    _check("method", name, SAMPLERS)
+    return SAMPLERS[name](**settings)
+
+
+def from_config(sample_config: Any) -> Sampler:
+    """The sampler of `config.sample`: its method, with each of the class's fields read from
+    the same-named entry of config.sample (absent entries keep the class default)."""
+    cls = SAMPLERS.get(sample_config["method"])
+    if cls is None:
+        raise ValueError(f"method must be one of {NAMES}, got {sample_config['method']!r}")
+    fields = {f.name: sample_config[f.name] for f in dataclasses.fields(cls) if f.name in sample_config}
+    return cls(**fields)
+
+
+def default_settings() -> dict:
+    """Every sampler field with its default, for config.sample (a field shared by two
+    samplers has one default)."""
+    out: dict = {}
+    for cls in SAMPLERS.values():
+        for f in dataclasses.fields(cls):
+            if out.setdefault(f.name, f.default) != f.default:
+                raise AssertionError(f"sampler field {f.name!r} has two defaults")
+    return out
+
+
+def draw(sampler: Sampler, denoise, process, shape, key, *, return_trajectory=False):
+    """x_T ~ N(0, prior_std^2 I) at the grid's first time, then `sampler`: the usual call."""
+    k_init, k_steps = jax.random.split(key)
+    x_T = process.prior_std * jax.random.normal(k_init, tuple(shape), jnp.float32)
+    return sampler(denoise, process, x_T, k_steps, return_trajectory=return_trajectory)
+
+
+# ----------------------------------------------------------------------------- DDPM API
+
+
+def _alpha_sigma_ext(schedule: Schedule, t, ndim: int):
+    a, s = DDPM(schedule).alpha_sigma(t)
+    return _bcast(a, ndim), _bcast(s, ndim)
+
+
+def _predict(schedule, x_t, t, model_output, prediction, clip_x0) -> Prediction:
+    _check("prediction", prediction, PREDICTIONS)
+    process = DDPM(schedule)
+    x0 = diffusion._clip(processes.to_x0(process, x_t, t, model_output, prediction), clip_x0)
+    if clip_x0 not in (None, False):
+        a, s = _alpha_sigma_ext(schedule, t, x_t.ndim)
+        eps = (x_t - a * x0) / s
+    else:
+        eps = processes.to_eps(process, x_t, t, model_output, prediction)
+    return Prediction(x0, eps, model_output)
+
+
+def ddpm_step(schedule: Schedule, x_t, t, model_output, noise, *, prediction: str = "eps",
+              variance: str = "small", clip_x0=None) -> jax.Array:
+    """x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. 2020, Algorithm 2); no noise at t = 0.
+
+    The seed's noise term is garbled; sigma_t^2 here is the posterior variance ("small"),
+    beta_t ("large") or the learned interpolation ("learned_range"), see
+    `diffusion.p_mean_variance`."""
+    out = p_mean_variance(schedule, x_t, t, model_output, prediction=prediction, variance=variance,
+                          clip_x0=clip_x0)
+    t = jnp.asarray(t, jnp.int32)
+    nonzero = _bcast((t > 0).astype(x_t.dtype), x_t.ndim)
+    return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+
+
+def ddim_step(schedule: Schedule, x_t, t, t_prev, model_output, *, eta: float = 0.0, noise=None,
+              prediction: str = "eps", clip_x0=None) -> jax.Array:
+    """DDIM step from t to t_prev (t_prev = -1: abar = 1) on a DDPM schedule (`ddim_update`)."""
+    pred = _predict(schedule, x_t, t, model_output, prediction, clip_x0)
+    a_t, s_t = _alpha_sigma_ext(schedule, t, x_t.ndim)
+    a_p, s_p = _alpha_sigma_ext(schedule, t_prev, x_t.ndim)
+    return ddim_update(x_t, pred, a_t, s_t, a_p, s_p, eta=eta, noise=noise)
+
+
+def dpm_solver_pp_step(schedule: Schedule, x_t, t, t_prev, model_output, *, prev_x0=None, prev_t=None,
+                       prediction: str = "eps", clip_x0=None):
+    """DPM-Solver++(2M) step from t to t_prev (t_prev = -1: clean) on a DDPM schedule.
+
+    prev_x0 is the data prediction made at the previous (larger) timestep prev_t; without it
+    the step is first order (equal to DDIM). Returns (x_{t_prev}, x0_hat at t)."""
+    x0 = _predict(schedule, x_t, t, model_output, prediction, clip_x0).x0
+    nd = x_t.ndim
+    a_t, s_t = _alpha_sigma_ext(schedule, t, nd)
+    a_n, s_n = _alpha_sigma_ext(schedule, t_prev, nd)
+    if prev_x0 is None:
+        return dpmpp_update(x_t, x0, a_t, s_t, a_n, s_n, order=1), x0
+    if prev_t is None:
+        raise ValueError("dpm_solver_pp_step: prev_x0 needs prev_t, the timestep it was predicted at")
+    a_p, s_p = _alpha_sigma_ext(schedule, prev_t, nd)
+    return dpmpp_update(x_t, x0, a_t, s_t, a_n, s_n, ((prev_x0, a_p, s_p, True),), order=2), x0
+
+
+# Lower end of the legacy "logsnr" spacing: sigma / alpha = 80, EDM's sigma_max.
 LOGSNR_SPACING_MIN_LAMBDA = -math.log(80.0)
 
+SPACINGS = ("leading", "trailing", "linspace", "logsnr")
+METHODS = ("ddpm", "ddim", "dpm_solver_pp")  # what `sample` runs
+DEFAULT_SPACING = {m: "logsnr" for m in METHODS}
 
-def _logsnr(schedule, n):
-    """Model calls at t_1 = T - 1, then t_2 > ... > t_N = 0 with half log-SNR
-    lambda = log(alpha / sigma) uniform on [max(lambda_{T-1}, -log 80), lambda_0] (the
-    logSNR-uniform steps of Lu et al. 2022, DPM-Solver sec. 3.3, floored at EDM's sigma_max);
-    each point moved to the discrete t of nearest lambda, then made strictly decreasing.
-    Uses numpy for a concrete schedule and jnp for a traced one."""
+
+def _legacy_logsnr(schedule, n):
+    """T - 1, then half log-SNR uniform on [max(lambda_{T-1}, -log 80), lambda_0], nearest t;
+    numpy for a concrete schedule, jnp for a traced one."""
     try:
         ab, xp = np.asarray(schedule.alphas_cumprod, dtype=np.float64), np
     except jax.errors.TracerArrayConversionError:
         ab, xp = schedule.alphas_cumprod, jnp
-    T = ab.shape[0]
-    lam = 0.5 * (xp.log(ab) - xp.log1p(-ab))  # increases as t decreases
+    lam = 0.5 * (xp.log(ab) - xp.log1p(-ab))
     targets = xp.linspace(xp.maximum(lam[-1], LOGSNR_SPACING_MIN_LAMBDA), lam[0], n)
-    ts = xp.argmin(xp.abs(lam[None, :] - targets[:, None]), axis=1)
-    ts = xp.where(xp.arange(n) == 0, T - 1, ts)
-    i = xp.arange(n)
-    # ts[i] >= ts[i+1] + 1, enforced from the end: ts[i] = max_{j >= i}(ts[j] + j) - i ...
-    ts = xp.flip(_cum(xp, "max", xp.flip(ts + i))) - i
-    # ... and ts[i] <= ts[i-1] - 1 from the start, with ts[0] <= T - 1.
-    ts = _cum(xp, "min", xp.minimum(ts, T - 1) + i) - i
-    return ts.astype(xp.int32)
-
-
-def _cum(xp, op, a):
-    if xp is np:
-        return (np.maximum if op == "max" else np.minimum).accumulate(a)
-    return (jax.lax.cummax if op == "max" else jax.lax.cummin)(a, axis=0)
-
-
-# Each takes (schedule, num_steps) and returns decreasing int timesteps.
-_SPACINGS: dict[str, Callable[[Schedule, int], np.ndarray]] = {
-    "leading": lambda sch, n: _leading(sch.num_timesteps, n),
-    "trailing": lambda sch, n: _trailing(sch.num_timesteps, n),
-    "linspace": lambda sch, n: _linspace(sch.num_timesteps, n),
-    "logsnr": _logsnr,
-}
-SPACINGS = tuple(_SPACINGS)
+    return nearest_decreasing_steps(lam, targets, xp)
 
 
 def make_timesteps(schedule: Schedule, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
-    """Decreasing int32 timesteps t_1 > ... > t_N in [0, T) at which the model is called
-    (numpy; a jnp array for "logsnr" with a traced schedule).
-
-    "leading":  0, T//N, 2 T//N, ... reversed (DDIM paper / diffusers default; skips t near T-1).
-    "trailing": round(T - i T/N) - 1, starts at T - 1 (Lin et al. 2024, sec. 3.4).
-    "linspace": round(linspace(T - 1, 0, N)), both ends included.
-    "logsnr":   T - 1, then uniform in log-SNR down to t = 0 (see `_logsnr`). The default of
-                every method: on the Gaussian oracle (bench/bench_samplers.py) it has the smallest
-                error for sharp data (s = 0.1) by 3-50x at 10-50 steps; for broad data (s >= 0.5)
-                time-uniform grids ("trailing") are better for DPM-Solver++ at >= 20 steps.
-    The sampler then steps from t_N to t = -1 (clean data).
-    """
+    """Decreasing int32 timesteps t_1 > ... > t_N in [0, T) of the DDPM API (`sample`):
+    "leading", "trailing", "linspace" (`time_grid`'s "leading", "trailing", "linear") or
+    "logsnr" (T - 1, then uniform half log-SNR from sigma = 80; traceable). The sampler then
+    steps from t_N to t = -1 (clean data)."""
     _check("timestep_spacing", spacing, SPACINGS)
-    num_timesteps = schedule.num_timesteps
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not (
-        1 <= num_steps <= num_timesteps
-    ):
-        raise ValueError(
-            f"num_steps must be an integer in [1, num_timesteps={num_timesteps}], got {num_steps!r}"
-        )
-    ts = _SPACINGS[spacing](schedule, int(num_steps))
+    T = schedule.num_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an integer in [1, num_timesteps={T}], got {num_steps!r}")
+    if spacing == "logsnr":
+        ts = _legacy_logsnr(schedule, int(num_steps))
+    else:
+        grid = {"linspace": "linear"}.get(spacing, spacing)
+        ts = time_grid(DDPM(schedule), int(num_steps), grid)[:-1]
     if isinstance(ts, np.ndarray):
         ts = ts.astype(np.int32)
-        assert np.all(np.diff(ts) < 0) and ts[0] <= num_timesteps - 1 and ts[-1] >= 0, ts
+        assert np.all(np.diff(ts) < 0) and ts[0] <= T - 1 and ts[-1] >= 0, ts
     return ts
 
 
-# ----------------------------------------------------------------------------- loops
+def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
+           num_steps: int | None = None, prediction: str = "eps", variance: str = "small",
+           eta: float = 0.0, clip_x0=None, timestep_spacing: str | None = None,
+           return_trajectory: bool = False):
+    """The DDPM API: samples x0 of `shape` from x_T ~ N(0, I) with `method` in METHODS.
 
-
-def _prediction_channels(model_output, x, variance):
-    """With learned variance the network returns 2C channels; deterministic steps use the first C."""
-    if variance == "learned_range":
-        return model_output[..., : x.shape[-1]]
-    return model_output
-
-
-def _call(denoise_fn, x, t):
-    return denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
-
-
-def _finish(x_T, x, ys, return_trajectory):
-    if not return_trajectory:
-        return x
-    return x, jnp.concatenate([x_T[None], ys], axis=0)
-
-
-def _sample_ddpm(denoise_fn, schedule, shape, key, *, num_steps, prediction, variance, eta,
-                 clip_x0, timestep_spacing, return_trajectory):
-    T = schedule.num_timesteps
-    if num_steps is not None and num_steps != T:
-        if variance != "small":
-            raise ValueError(
-                f"method='ddpm' with num_steps={num_steps} < T={T} (respaced) supports "
-                f"variance='small' only, got {variance!r}; use num_steps=None for all T steps"
-            )
-        return _sample_ddim(denoise_fn, schedule, shape, key, num_steps=num_steps,
-                            prediction=prediction, variance=variance, eta=1.0, clip_x0=clip_x0,
-                            timestep_spacing=timestep_spacing, return_trajectory=return_trajectory)
-    k_init, k_steps = jax.random.split(key)
-    x_T = jax.random.normal(k_init, shape, jnp.float32)
-
-    def body(x, inp):
-        t, k = inp
-        out = _call(denoise_fn, x, t)
-        x = ddpm_step(schedule, x, jnp.full((shape[0],), t, jnp.int32), out,
-                      jax.random.normal(k, shape, x.dtype), prediction=prediction,
-                      variance=variance, clip_x0=clip_x0)
-        return x, (x if return_trajectory else None)
-
-    ts = jnp.arange(T - 1, -1, -1, dtype=jnp.int32)
-    x, ys = jax.lax.scan(body, x_T, (ts, jax.random.split(k_steps, T)))
-    return _finish(x_T, x, ys, return_trajectory)
-
-
-def _sample_ddim(denoise_fn, schedule, shape, key, *, num_steps, prediction, variance, eta,
-                 clip_x0, timestep_spacing, return_trajectory):
-    T = schedule.num_timesteps
-    ts = make_timesteps(schedule, T if num_steps is None else num_steps, timestep_spacing)
-    ts = jnp.asarray(ts, jnp.int32)
-    prev = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
-    k_init, k_steps = jax.random.split(key)
-    x_T = jax.random.normal(k_init, shape, jnp.float32)
-    stochastic = not (isinstance(eta, (int, float)) and eta == 0.0)
-
-    def body(x, inp):
-        t, t_prev, k = inp
-        out = _prediction_channels(_call(denoise_fn, x, t), x, variance)
-        noise = jax.random.normal(k, shape, x.dtype) if stochastic else None
-        x = ddim_step(schedule, x, t, t_prev, out, eta=eta, noise=noise,
-                      prediction=prediction, clip_x0=clip_x0)
-        return x, (x if return_trajectory else None)
-
-    xs = (ts, prev, jax.random.split(k_steps, ts.shape[0]))
-    x, ys = jax.lax.scan(body, x_T, xs)
-    return _finish(x_T, x, ys, return_trajectory)
-
-
-def _sample_dpm_solver_pp(denoise_fn, schedule, shape, key, *, num_steps, prediction, variance,
-                          eta, clip_x0, timestep_spacing, return_trajectory):
-    T = schedule.num_timesteps
-    ts = make_timesteps(schedule, T if num_steps is None else num_steps, timestep_spacing)
-    ts = jnp.asarray(ts, jnp.int32)
-    prev = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
-    last = jnp.concatenate([ts[:1], ts[:-1]])  # timestep of the previous x0
-    use_prev = jnp.arange(ts.shape[0]) > 0  # first step is first order
-    x_T = jax.random.normal(key, shape, jnp.float32)
-
-    def body(carry, inp):
-        x, prev_x0 = carry
-        t, t_prev, t_last, second = inp
-        out = _prediction_channels(_call(denoise_fn, x, t), x, variance)
-        x0 = diffusion._clip(predict_x0(schedule, x, t, out, prediction), clip_x0)
-        x = _dpmpp_update(schedule, x, t, t_prev, x0, prev_x0, t_last, second)
-        return (x, x0), (x if return_trajectory else None)
-
-    xs = (ts, prev, last, use_prev)
-    (x, _), ys = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), xs)
-    return _finish(x_T, x, ys, return_trajectory)
-
-
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": _sample_ddpm,
-    "ddim": _sample_ddim,
-    "dpm_solver_pp": _sample_dpm_solver_pp,
-}
-METHODS = tuple(SAMPLERS)
-
-# Spacing used when `timestep_spacing=None`; chosen with bench/bench_samplers.py (Gaussian
-# oracle, see `make_timesteps`). With num_steps=None "ddpm" visits every t whatever the spacing.
-DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpm_solver_pp": "logsnr"}
-
-
-def sample(
-    denoise_fn: Callable,
-    schedule: Schedule,
-    shape,
-    key,
-    *,
-    method: str = "ddpm",
-    num_steps: int | None = None,
-    prediction: str = "eps",
-    variance: str = "small",
-    eta: float = 0.0,
-    clip_x0=None,
-    timestep_spacing: str | None = None,
-    return_trajectory: bool = False,
-):
-    """Draws samples x0 of `shape` from x_T ~ N(0, I) by running `method` for `num_steps`.
-
-    denoise_fn(x_t, t) -> model_output (t int32 [B]); prediction in PREDICTIONS; variance in
-    VARIANCES (used by "ddpm"; with "learned_range" the deterministic methods read the first
-    C output channels). num_steps=None means all T timesteps. eta: DDIM stochasticity.
-    clip_x0: None, True ([-1, 1]) or a bound applied to every x0 prediction.
-    timestep_spacing: one of SPACINGS for the sub-sampled methods (None: DEFAULT_SPACING).
-    Returns x0, or (x0, trajectory [num_steps + 1, *shape] starting at x_T) if return_trajectory.
-    """
+    denoise_fn(x_t, t) -> model output (t int32 [B]); num_steps=None means all T timesteps;
+    timestep_spacing in SPACINGS (None: "logsnr"). Returns x0, or (x0, trajectory
+    [num_steps + 1, *shape] from x_T). For other processes and samplers use `draw`."""
     _check("method", method, METHODS)
     _check("prediction", prediction, PREDICTIONS)
     _check("variance", variance, VARIANCES)
     spacing = DEFAULT_SPACING[method] if timestep_spacing is None else timestep_spacing
     _check("timestep_spacing", spacing, SPACINGS)
-    return SAMPLERS[method](
-        denoise_fn, schedule, tuple(shape), key, num_steps=num_steps, prediction=prediction,
-        variance=variance, eta=eta, clip_x0=clip_x0, timestep_spacing=spacing,
-        return_trajectory=return_trajectory,
-    )
+    process = DDPM(schedule, variance=variance)
+    T = schedule.num_timesteps
+    n = T if num_steps is None else num_steps
+    if method == "ddpm" and n == T:
+        ts = jnp.arange(T - 1, -2, -1, dtype=jnp.int32)
+    else:
+        ts = make_timesteps(schedule, n, spacing)
+        ts = jnp.concatenate([jnp.asarray(ts, jnp.int32), jnp.full((1,), -1, jnp.int32)])
+    denoise = denoiser(lambda x, t: denoise_fn(x, t), process, prediction, clip_x0)
+    if method == "dpm_solver_pp":
+        sampler, x_T, k_steps = DPMSolverPP(num_steps=n), jax.random.normal(key, tuple(shape), jnp.float32), None
+    else:
+        k_init, k_steps = jax.random.split(key)
+        x_T = jax.random.normal(k_init, tuple(shape), jnp.float32)
+        sampler = Ancestral(num_steps=n) if method == "ddpm" else DDIM(num_steps=n, eta=eta)
+    if method == "ddpm" and n != T and variance != "small":
+        raise ValueError(f"method='ddpm' with num_steps={n} < T={T} (respaced) supports variance='small' "
+                         f"only, got {variance!r}; use num_steps=None for all T steps")
+    return sampler(denoise, process, x_T, k_steps, ts=ts, return_trajectory=return_trajectory)
