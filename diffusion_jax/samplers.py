@@ -191,8 +191,23 @@ def _rho(lo, hi, n, rho):
 
 
 def _logsnr(lo, hi, n, rho):
-    """lambda = -log sigma uniform (Lu et al. 2022, DPM-Solver sec. 3.3)."""
-    return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    """hi, then half log-SNR lambda = -log sigma uniform (Lu et al. 2022, DPM-Solver sec. 3.3)
+    from min(hi, cot(pi / 2n) / 2) down to lo: the first interval is half the top interval
+    of the cosine schedule's n-step time grid (the lower the first target, the larger the
+    first, first-order jump; the higher, the fewer steps where the data prediction moves)."""
+    if n == 1:
+        return np.array([hi])
+    top = min(hi, 0.5 / math.tan(math.pi / (2 * n)))
+    return np.concatenate([[hi], np.exp(np.linspace(math.log(top), math.log(lo), n - 1))])
+
+
+def _cosine(lo, hi, n, rho):
+    """sigma = tan(theta) / 2, theta uniform: uniform in arctan(sigma / sigma_data) with
+    sigma_data = 0.5, the time-uniform grid of a cosine schedule (log-SNR -2 log tan(pi t / 2),
+    Nichol & Dhariwal 2021) for data of that scale; where Euler's local error
+    ~ sigma_data^2 / (sigma_data^2 + sigma^2)^(3/2) is spread evenly, nearly."""
+    k = 0.5
+    return k * np.tan(np.linspace(math.atan(hi / k), math.atan(lo / k), n))
 
 
 def _linear(process, n, rho):
@@ -222,6 +237,7 @@ def _leading(process, n, rho):
 GRIDS: dict[str, Callable] = {
     "rho": _sigma_spaced(_rho),
     "logsnr": _sigma_spaced(_logsnr),
+    "cosine": _sigma_spaced(_cosine),
     "linear": _linear,
     "trailing": _trailing,
     "leading": _leading,
@@ -268,7 +284,7 @@ class Sampler:
     rho: float = 7.0
 
     name: ClassVar[str] = ""
-    default_grid: ClassVar[str] = "rho"
+    default_grid: ClassVar[str] = "rho"  # EDM's grid, the default of Heun and the EDM sampler
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 1:
@@ -285,6 +301,13 @@ class Sampler:
     def nfe(self, process) -> int:
         """Network evaluations per sample (a guided call counts once here)."""
         return self.num_steps
+
+    def with_nfe(self, process, nfe: int) -> "Sampler":
+        """This sampler with the most steps whose `nfe(process)` is at most `nfe` (>= 1 step)."""
+        n = max(int(nfe), 1)
+        while n > 1 and dataclasses.replace(self, num_steps=n).nfe(process) > nfe:
+            n -= 1
+        return dataclasses.replace(self, num_steps=n)
 
     def __call__(self, denoise, process, x_T, key=None, *, ts=None, return_trajectory=False):
         """x0 from x_T (drawn at t_0: `draw` does that) on `ts` (default: `times(process)`).
@@ -333,6 +356,7 @@ class DDIM(Sampler):
     eta: float = 0.0
 
     name: ClassVar[str] = "ddim"
+    default_grid: ClassVar[str] = "cosine"  # beats diffusers' DDIM grid on the oracles (docs/samplers.md)
 
     def __post_init__(self):
         super().__post_init__()
@@ -364,6 +388,7 @@ class Euler(Sampler):
     x_{i+1} = a_{i+1} x0_hat + s_{i+1} eps_hat, DDIM with eta = 0."""
 
     name: ClassVar[str] = "euler"
+    default_grid: ClassVar[str] = "cosine"
 
     def _run(self, denoise, process, x, key, ts, keep):
         return DDIM(eta=0.0)._run(denoise, process, x, None, ts, keep)
@@ -379,7 +404,7 @@ class Ancestral(Sampler):
     x0_hat), i.e. DDIM with eta = 1 (posterior variance only)."""
 
     name: ClassVar[str] = "ddpm"
-    default_grid: ClassVar[str] = "trailing"
+    default_grid: ClassVar[str] = "cosine"
 
     def _run(self, denoise, process, x, key, ts, keep):
         if key is None:
@@ -470,8 +495,7 @@ class EDMStochastic(Sampler):
         gamma = np.where((sig >= self.s_tmin) & (sig <= self.s_tmax) & np.isfinite(sig),
                          min(self.s_churn / self.num_steps, math.sqrt(2.0) - 1.0), 0.0)
         if process.discrete:
-            hat = np.asarray(process.t_of_sigma(jnp.asarray(sig * (1 + gamma), jnp.float32)))
-            return np.maximum(hat, ts[:-1]).astype(np.int32)  # never below t_i
+            return np.maximum(process.t_of_sigma(sig * (1 + gamma)), ts[:-1]).astype(np.int32)  # >= t_i
         return np.where(gamma > 0, process.t_of_sigma(sig * (1 + gamma)), ts[:-1])
 
     def _run(self, denoise, process, x, key, ts, keep):
@@ -527,6 +551,7 @@ class DPMSolverPP(Sampler):
     first order on its first step and into clean data (`dpmpp_update`)."""
 
     name: ClassVar[str] = "dpm_solver_pp"
+    default_grid: ClassVar[str] = "logsnr"  # beats diffusers' DPM-Solver++ grid on the oracles
     order: ClassVar[int] = 2
 
     def _run(self, denoise, process, x, key, ts, keep):

@@ -7,7 +7,7 @@ its fields are documented there (diffusion_jax/models/__init__.py).
 
 import ml_collections
 
-from diffusion_jax import evaluation, models
+from diffusion_jax import evaluation, models, processes, samplers
 
 
 def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
@@ -24,17 +24,27 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     # --- model (fields documented in diffusion_jax.models.default_config) ---
     config.model = models.default_config(model_name)
 
-    # --- diffusion process and loss -----------------------------------------
+    # --- diffusion process and loss (diffusion_jax.processes, diffusion_jax.objectives) ---
     config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.process = "ddpm"  # ddpm | vp | edm | flow
+    # network output: ddpm eps|x0|v|score; vp also velocity; edm edm|x0|eps|v; flow velocity|x0|v
+    config.diffusion.prediction = "eps"
+    # loss weight: none (the output's own MSE) | eps | x0 | min_snr; continuous processes also v | velocity | edm
+    config.diffusion.loss_weighting = "none"
+    config.diffusion.min_snr_gamma = 5.0  # gamma > 0 of the min-SNR weighting
+    # ddpm only: the discrete schedule, its T and reverse variance, and the hybrid loss
     config.diffusion.schedule = "linear"  # a name in diffusion_jax.schedules.NAMES
     config.diffusion.num_timesteps = 1000  # T, integer >= 1 (DDPM: 1000)
     # extra keyword arguments of the schedule constructor (linear: beta_start, beta_end in (0, 1))
     config.diffusion.schedule_kwargs = ml_collections.ConfigDict({"beta_start": 1e-4, "beta_end": 0.02})
-    config.diffusion.prediction = "eps"  # network target, one of diffusion.PREDICTIONS: eps | x0 | v | score
     config.diffusion.variance = "small"  # reverse variance: small | large | learned_range (needs model.learn_sigma)
-    config.diffusion.loss_weighting = "none"  # one of diffusion.LOSS_WEIGHTINGS ("none" = L_simple)
-    config.diffusion.min_snr_gamma = 5.0  # gamma > 0 of the min-SNR weighting
     config.diffusion.vlb_weight = 1e-3  # >= 0, weight of the VLB term with learn_sigma (Nichol & Dhariwal)
+    # each continuous process's own knobs, used when it is selected (fields and ranges: its
+    # dataclass in diffusion_jax/processes.py): vp (schedule linear|cosine, beta_min, beta_max,
+    # t_eps, sigma_min, sigma_max), edm (sigma_data, p_mean, p_std, sigma_min, sigma_max),
+    # flow (t_sampling uniform|logit_normal, logit_mean, logit_std, sigma_min, sigma_max)
+    for name in ("vp", "edm", "flow"):
+        config.diffusion[name] = ml_collections.ConfigDict(processes.default_fields(name))
 
     # --- optimisation --------------------------------------------------------
     config.training = ml_collections.ConfigDict()
@@ -63,9 +73,15 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
 
     # --- sampling (training grids and --mode sample) --------------------------
     config.sample = ml_collections.ConfigDict()
-    config.sample.method = "ddim"  # a name in diffusion_jax.samplers.METHODS
-    config.sample.num_steps = 50  # sampler steps in [1, num_timesteps]
+    config.sample.method = "ddim"  # a name in diffusion_jax.samplers.NAMES
+    config.sample.num_steps = 50  # sampler steps N >= 1 (ddpm: <= num_timesteps); NFE = N (heun, edm_sde: 2N - 1)
+    config.sample.grid = ""  # time grid: "" = the sampler's default | rho | logsnr | cosine | linear | trailing | leading (ddpm)
     config.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic)
+    # the other samplers' settings, named as their dataclass fields in diffusion_jax/samplers.py
+    # (rho of the "rho" grid; edm_sde's s_churn, s_noise, s_tmin, s_tmax)
+    for field, value in samplers.default_settings().items():
+        if field not in config.sample:
+            config.sample[field] = value
     config.sample.guidance_scale = 2.0  # classifier-free guidance w >= 0 ((1+w) cond - w uncond); 0 = none
     config.sample.clip_x0 = 1.0  # clip predicted x0 to [-c, c]; 0 = no clipping
     config.sample.grid_per_class = 8  # training grids: images per class row (conditional) / grid side**2 / 8 (unconditional)

@@ -42,7 +42,7 @@ def test_mnist_and_cifar10_are_what_they_claim():
 BAD = [
     ("model.name", "vae", "config.model.name must be one of ('unet', 'dit')"),
     ("diffusion.schedule", "quadratic", "config.diffusion.schedule must be one of"),
-    ("sample.method", "euler", "config.sample.method must be one of"),
+    ("sample.method", "rk45", "config.sample.method must be one of"),  # euler is a sampler now
     ("diffusion.prediction", "noise", "config.diffusion.prediction must be one of ('eps', 'x0', 'v', 'score')"),
     ("diffusion.loss_weighting", "snr", "config.diffusion.loss_weighting must be one of"),
     ("training.optimizer", "sgd", "config.training.optimizer must be one of ('adam', 'adamw')"),

@@ -55,7 +55,7 @@ def _bool(config: Any, field: str) -> None:
 
 def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> None:
     """Raises ValueError on the first bad field; returns None for a good config."""
-    from diffusion_jax import data, diffusion, models, samplers, schedules
+    from diffusion_jax import data, models, objectives, samplers
 
     if not isinstance(config.experiment, str) or not config.experiment.strip():
         raise _fail("experiment", "a non-empty name", config.experiment)
@@ -81,11 +81,9 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
                     config.model.cond_dim)
 
     # Diffusion process and loss.
-    _one_of(config, "diffusion.schedule", tuple(schedules.NAMES))
-    _in_range(config, "diffusion.num_timesteps", 1, None, integer=True)
-    _one_of(config, "diffusion.prediction", tuple(diffusion.PREDICTIONS))
-    _one_of(config, "diffusion.variance", tuple(diffusion.VARIANCES))
-    _one_of(config, "diffusion.loss_weighting", tuple(diffusion.LOSS_WEIGHTINGS))
+    process = _process(config)
+    _one_of(config, "diffusion.prediction", process.predictions)
+    _one_of(config, "diffusion.loss_weighting", objectives.weighting_names(process))
     _in_range(config, "diffusion.min_snr_gamma", 0, None, lo_open=True)
     _in_range(config, "diffusion.vlb_weight", 0, None)
     learned = config.diffusion.variance == "learned_range"
@@ -93,12 +91,6 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         raise _fail("diffusion.variance",
                     "'learned_range' exactly when model.learn_sigma is True "
                     f"(model.learn_sigma={config.model.learn_sigma})", config.diffusion.variance)
-    try:
-        from diffusion_jax.train.sampling import make_schedule
-
-        make_schedule(config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config.diffusion.schedule_kwargs: {e}") from None
 
     # Optimisation.
     t = "training."
@@ -128,10 +120,16 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     if batch % process_count:
         raise _fail(t + "batch_size", f"divisible by the process count {process_count}", batch)
 
-    # Sampling.
-    _one_of(config, "sample.method", tuple(samplers.METHODS))
-    _in_range(config, "sample.num_steps", 1, config.diffusion.num_timesteps, integer=True)
-    _in_range(config, "sample.eta", 0, 1)
+    # Sampling: the sampler validates its own settings, the process its grid.
+    _one_of(config, "sample.method", tuple(samplers.NAMES))
+    if process.discrete:
+        _in_range(config, "sample.num_steps", 1, config.diffusion.num_timesteps, integer=True)
+    try:  # every sampler's settings (they share config.sample), then the chosen one's grid
+        for name in samplers.NAMES:
+            samplers.from_config({**config.sample.to_dict(), "method": name})
+        samplers.from_config(config.sample).times(process)
+    except ValueError as e:
+        raise ValueError(f"config.sample.{e}") from None
     _in_range(config, "sample.guidance_scale", 0, None)
     _in_range(config, "sample.clip_x0", 0, None)
     _in_range(config, "sample.grid_per_class", 1, None, integer=True)
@@ -140,6 +138,32 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     if config.model.num_classes == 0 and config.sample.guidance_scale > 0:
         raise _fail("sample.guidance_scale", "0 for an unconditional model (model.num_classes=0)",
                     config.sample.guidance_scale)
+
+
+def _process(config: Any):
+    """The experiment's process, with a one-line error naming the bad diffusion field."""
+    from diffusion_jax import diffusion, processes, schedules
+
+    d = config.diffusion
+    _one_of(config, "diffusion.process", processes.NAMES)
+    if d.process == "ddpm":
+        _one_of(config, "diffusion.schedule", tuple(schedules.NAMES))
+        _in_range(config, "diffusion.num_timesteps", 1, None, integer=True)
+        _one_of(config, "diffusion.variance", tuple(diffusion.VARIANCES))
+        try:
+            return processes.make(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.diffusion.schedule_kwargs: {e}") from None
+    if d.variance != "small":
+        raise _fail("diffusion.variance", f"'small' for process {d.process!r} (the variance choice "
+                    "is the discrete ddpm process's)", d.variance)
+    try:
+        return processes.make(d)
+    except TypeError as e:
+        raise ValueError(f"config.diffusion.{d.process}: {e}; its fields are "
+                         f"{tuple(processes.default_fields(d.process))}") from None
+    except ValueError as e:
+        raise ValueError(f"config.diffusion.{d.process}.{e}") from None
 
 
 def check_against_dataset(config: Any, image_shape: tuple[int, int, int], num_classes: int) -> None:

@@ -94,7 +94,7 @@ def train(config: Any, workdir: str, *,
     mesh = parallel.make_mesh()
     repl = parallel.replicated(mesh)
     model = models.create(config.model)
-    schedule = sampling.make_schedule(config)
+    process = sampling.make_process(config)
     tx, lr_schedule = make_optimizer(tc)
     kernels = ops.selected()
     logging.info("convolution / normalisation kernels: %s%s", kernels,
@@ -126,7 +126,7 @@ def train(config: Any, workdir: str, *,
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    train_step = jit_train_step(make_train_step(config, model, schedule, tx, lr_schedule), mesh)
+    train_step = jit_train_step(make_train_step(config, model, process, tx, lr_schedule), mesh)
     labels, ncol = sampling.grid_labels(config)
     num_grid = len(labels) if labels is not None else ncol * ncol
     sample_fn = sampling.make_sample_fn(config, num_grid, out_sharding=repl)

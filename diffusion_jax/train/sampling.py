@@ -1,9 +1,11 @@
-"""Denoise functions from trained parameters, training sample grids and `--mode sample`.
+"""The experiment's process, network functions and samplers; training grids and `--mode sample`.
 
-`make_denoise_fn(config, params, cond, guidance_scale)` is what the samplers
-and the evaluation take: `denoise_fn(x_t, t) -> model output`, with
-classifier-free guidance (1 + w) eps(x_t, c) - w eps(x_t, null) when w > 0
-(Ho & Salimans 2022), in one batched forward pass (`models.guidance`).
+`make_denoise_fn(config, params, cond, guidance_scale)` is the network as the samplers
+and the evaluation take it: `denoise_fn(x_in, c_noise) -> model output` on the process's
+network inputs (for ddpm simply (x_t, t)), with classifier-free guidance
+(1 + w) out(x, c) - w out(x, null) when w > 0 (Ho & Salimans 2022), in one batched
+forward pass (`models.guidance`). `make_denoiser` wraps it with the process's conversions
+into the `samplers.denoiser` every sampler calls.
 """
 
 from __future__ import annotations
@@ -16,13 +18,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import models, samplers, schedules
+from diffusion_jax import models, processes, samplers
+
+
+def make_process(config: Any):
+    """The experiment's forward process (`config.diffusion`, `processes.make`)."""
+    return processes.make(config.diffusion)
 
 
 def make_schedule(config: Any):
-    """The experiment's noise schedule (`config.diffusion`)."""
-    d = config.diffusion
-    return schedules.make(d.schedule, num_timesteps=d.num_timesteps, **d.schedule_kwargs.to_dict())
+    """The discrete schedule of a ddpm experiment (`config.diffusion`)."""
+    return processes.make(config.diffusion.to_dict() | {"process": "ddpm"}).schedule
+
+
+def make_sampler(config: Any) -> samplers.Sampler:
+    """The sampler of `config.sample` (method and its settings)."""
+    return samplers.from_config(config.sample)
+
+
+def clip_bound(config: Any) -> float | None:
+    """config.sample.clip_x0 as the samplers take it (None: no clipping)."""
+    return float(config.sample.clip_x0) if config.sample.clip_x0 > 0 else None
+
+
+def make_denoiser(config: Any, params: Any, cond: Any = None, guidance_scale: Any = 0.0,
+                  process: Any = None) -> Callable:
+    """`samplers.denoiser` of the experiment's network: (x_t, t) -> Prediction(x0, eps, out)."""
+    process = make_process(config) if process is None else process
+    return samplers.denoiser(make_denoise_fn(config, params, cond, guidance_scale), process,
+                             config.diffusion.prediction, clip_bound(config))
 
 
 def make_denoise_fn(config: Any, params: Any, cond: Any = None,
@@ -47,26 +71,17 @@ def grid_labels(config: Any) -> tuple[np.ndarray | None, int]:
     return None, n
 
 
-def _clip(config: Any) -> float | None:
-    return float(config.sample.clip_x0) if config.sample.clip_x0 > 0 else None
-
-
 def make_sample_fn(config: Any, num_images: int, *, out_sharding: Any = None) -> Callable:
     """jit-compiled fn(params, labels, key) -> images float32 [N, H, W, C] in [-1, 1]
-    drawn with config.sample's method, steps, eta, guidance and clipping.
+    drawn with config.sample's sampler, its settings, guidance and clipping.
     `labels` is int32 [N] (conditional models) or None."""
-    schedule = make_schedule(config)
+    process, sampler = make_process(config), make_sampler(config)
     mc, s = config.model, config.sample
     shape = (num_images, mc.image_size, mc.image_size, mc.in_channels)
 
     def sample_fn(params, labels, key):
-        denoise_fn = make_denoise_fn(config, params, labels, float(s.guidance_scale))
-        x = samplers.sample(
-            denoise_fn, schedule, shape, key,
-            method=s.method, num_steps=int(s.num_steps), prediction=config.diffusion.prediction,
-            variance=config.diffusion.variance, eta=float(s.eta), clip_x0=_clip(config),
-        )
-        return jnp.clip(x, -1.0, 1.0)
+        denoise = make_denoiser(config, params, labels, float(s.guidance_scale), process)
+        return jnp.clip(samplers.draw(sampler, denoise, process, shape, key), -1.0, 1.0)
 
     return jax.jit(sample_fn, out_shardings=out_sharding)
 

@@ -1,10 +1,10 @@
 """The jit-compiled training step: (state, batch, key) -> (state, metrics).
 
-One step of DDPM training (Ho et al. 2020, Algorithm 1), per example i of the
-global batch:
+One step of diffusion training under the experiment's process (`diffusion_jax.processes`;
+for ddpm, Ho et al. 2020, Algorithm 1), per example i of the global batch:
 
-    t_i ~ U{0, ..., T-1},  eps_i ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-    loss = mean_i training_losses(model(x_t, t, cond), x0, t, eps)["loss"]
+    t_i = process.sample_t(k_i),  eps_i ~ N(0, I),  x_t = a(t_i) x0 + s(t_i) eps_i
+    loss = mean_i objectives.training_losses(process, model(*network_inputs(x_t, t), cond), x0, t, eps)
 
 with the class label replaced by the null label `num_classes` with
 probability `cond_drop_prob` (classifier-free guidance, Ho & Salimans 2022).
@@ -29,20 +29,21 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion, models
+from diffusion_jax import models, objectives, processes
 from diffusion_jax.train import parallel
 from diffusion_jax.train.state import TrainState, ema_decay_at, ema_update
 
 
 def per_example_draws(
-    step_key: jax.Array, batch_size: int, image_shape: tuple[int, ...], num_timesteps: int,
+    step_key: jax.Array, batch_size: int, image_shape: tuple[int, ...], process: Any,
     cond_drop_prob: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(t int32 [B], noise float32 [B, H, W, C], drop bool [B]) from per-example keys."""
+    """(t [B], noise float32 [B, H, W, C], drop bool [B]) from per-example keys; t is int32
+    for ddpm and float32 for the continuous processes."""
 
     def draw(k):
         k_t, k_noise, k_drop = jax.random.split(k, 3)
-        t = jax.random.randint(k_t, (), 0, num_timesteps, dtype=jnp.int32)
+        t = process.sample_t(k_t)
         noise = jax.random.normal(k_noise, image_shape, jnp.float32)
         drop = jax.random.bernoulli(k_drop, cond_drop_prob)
         return t, noise, drop
@@ -51,9 +52,11 @@ def per_example_draws(
     return jax.vmap(draw)(keys)
 
 
-def make_train_step(config: Any, model: Any, schedule: Any, tx: optax.GradientTransformation,
+def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule) -> Callable:
-    """The pure (unjitted) step function for `config`."""
+    """The pure (unjitted) step function for `config` under `process` (a Schedule means ddpm)."""
+    if isinstance(process, processes.Schedule):
+        process = processes.DDPM(process, variance=config.diffusion.variance)
     mc, dc, tc = config.model, config.diffusion, config.training
     num_classes = int(mc.num_classes)
     cond_drop_prob = float(tc.cond_drop_prob) if num_classes > 0 else 0.0
@@ -64,19 +67,20 @@ def make_train_step(config: Any, model: Any, schedule: Any, tx: optax.GradientTr
         step_key = jax.random.fold_in(key, state.step)
         draw_key, dropout_key = jax.random.split(step_key)
         t, noise, drop = per_example_draws(
-            draw_key, b, x0.shape[1:], schedule.num_timesteps, cond_drop_prob)
+            draw_key, b, x0.shape[1:], process, cond_drop_prob)
         if num_classes > 0:  # the null label (value num_classes) where dropped
             cond = models.guidance.where_dropped(
                 drop, batch["label"].astype(jnp.int32), models.null_cond(mc, b))
         else:
             cond = None
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        x_t = processes.q_sample(process, x0, t, noise)
+        x_in, c_noise = process.network_inputs(x_t, t)
 
         def loss_fn(params):
-            out = model.apply({"params": params}, x_t, t, cond, train=True,
+            out = model.apply({"params": params}, x_in, c_noise, cond, train=True,
                               rngs={"dropout": dropout_key})
-            losses = diffusion.training_losses(
-                schedule, out, x0, t, noise,
+            losses = objectives.training_losses(
+                process, out, x0, t, noise,
                 prediction=dc.prediction, weighting=dc.loss_weighting,
                 min_snr_gamma=dc.min_snr_gamma, learn_variance=bool(mc.learn_sigma),
                 vlb_weight=dc.vlb_weight,
