@@ -24,6 +24,7 @@ import pytest
 from diffusion_jax import ops
 from diffusion_jax.ops import conv as conv_module
 from diffusion_jax.ops import native
+from native_support import require_native
 
 _GEMM_RULE = conv_module.use_gemm_weight_grad  # the real rule, before the fixture below replaces it
 
@@ -31,10 +32,8 @@ RTOL32 = 1e-5
 
 
 def _native_impl(name):
-    """The native implementation, which must have built: CI installs the "cpu" extra (oneDNN)."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("native kernels are XLA:CPU custom calls")  # GPU runs of this file
-    assert native.available(), native.reason()
+    """The native implementation (skips where the host cannot build the kernels)."""
+    require_native()
     return getattr(ops, name)
 
 
@@ -331,17 +330,20 @@ def test_group_norm_rejects_bad_groups():
 
 def test_dispatch_env_switch(monkeypatch):
     calls = []
+    monkeypatch.setattr(ops, "_prepared", None)  # before prepare() each trace reads the variable
 
-    def spy(name, impl):
+    def spy(op, kind):
+        impl = ops.IMPLEMENTATIONS[op][kind]
+
         def wrapped(*args, **kwargs):
-            calls.append(name)
+            calls.append(f"{op}_{kind}")
             return impl(*args, **kwargs)
 
-        monkeypatch.setattr(ops, name, wrapped)
+        monkeypatch.setitem(ops.IMPLEMENTATIONS[op], kind, wrapped)
 
     for kind in ("fast", "native", "reference"):
         for op in ("conv2d", "group_norm"):
-            spy(f"{op}_{kind}", getattr(ops, f"{op}_{kind}"))
+            spy(op, kind)
     x = jnp.ones((1, 4, 4, 2))
     k = jnp.ones((3, 3, 2, 2))
     s, b = jnp.ones(2), jnp.zeros(2)
@@ -370,6 +372,23 @@ def test_dispatch_env_switch(monkeypatch):
         ops.conv2d(x, k)
 
 
+def test_prepare_chooses_once_and_a_trace_never_builds(monkeypatch):
+    monkeypatch.setattr(ops, "_prepared", None)
+    monkeypatch.setenv(ops.ENV_VAR, "native")
+    builds = []
+    real = native.available
+    monkeypatch.setattr(native, "available", lambda: builds.append(1) or real())
+    jax.make_jaxpr(lambda x: ops.gelu(x))(jnp.ones(3))  # unprepared trace: reads the variable, builds nothing
+    assert builds == []
+    monkeypatch.setenv(ops.ENV_VAR, "fast")
+    assert ops.prepare() == "fast"
+    monkeypatch.setenv(ops.ENV_VAR, "reference")  # read once: prepare() fixed the mode
+    assert ops.selected() == "fast"
+    with ops.forced("reference"):
+        assert ops.selected() == "reference"
+    assert ops.prepare("reference") == "reference" == ops.selected()
+
+
 def test_conv2d_fast_with_xla_weight_grad(monkeypatch):
     # The branch taken for shapes where the per-tap GEMMs do not pay (conv_in, strided, small maps).
     monkeypatch.setattr(conv_module, "use_gemm_weight_grad", lambda *a: False)
@@ -386,7 +405,7 @@ def test_conv2d_fast_with_xla_weight_grad(monkeypatch):
 
 
 def test_native_falls_back_to_fast_when_unavailable(monkeypatch):
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "loaded", lambda: False)
     x, kernel, g, strides, padding = _conv_inputs(CONV_CASES[0])
     got = _conv_value_and_grads(ops.conv2d_native, x, kernel, g, strides, padding)
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
@@ -431,7 +450,7 @@ def test_keep_freed_memory_in_a_fresh_process(setting, want):
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt(3) is glibc's")
     code = "from diffusion_jax.ops import allocator; print(allocator.keep_freed_memory())"
-    env = dict(os.environ, DIFFUSION_JAX_MALLOC=setting)
+    env = dict(os.environ, DIFFUSION_JAX_MALLOC=setting, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == want
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import models, ops
-from diffusion_jax.ops import native
+from native_support import require_native
 
 RTOL32 = 1e-5
 
@@ -28,9 +28,7 @@ def _full_float32_precision():
 
 def _impl(name: str):
     if name.endswith("_native"):
-        if jax.default_backend() != "cpu":
-            pytest.skip("native kernels are XLA:CPU custom calls")
-        assert native.available(), native.reason()  # CI installs the "cpu" extra
+        require_native()
     return getattr(ops, name)
 
 
@@ -232,8 +230,7 @@ def test_gated_residual_rejects_bad_shapes():
 
 
 def test_dit_native_matches_reference_and_uses_the_custom_calls():
-    if jax.default_backend() != "cpu":
-        pytest.skip("native kernels are XLA:CPU custom calls")
+    require_native()
     cfg = models.default_config("dit")
     cfg.hidden_size, cfg.depth, cfg.num_classes = 64, 2, 3
     model = models.create(cfg)
@@ -265,6 +262,7 @@ def test_dit_native_matches_reference_and_uses_the_custom_calls():
 
 def test_dispatch_covers_the_transformer_ops(monkeypatch):
     x = jnp.ones((1, 4, 6))
+    monkeypatch.setattr(ops, "_prepared", None)  # before prepare() each trace reads the variable
     for mode in ("reference", "fast", "native"):
         monkeypatch.setenv(ops.ENV_VAR, mode)
         for name, call in [
@@ -275,7 +273,7 @@ def test_dispatch_covers_the_transformer_ops(monkeypatch):
             ("gated_residual", lambda: ops.gated_residual(x, jnp.ones((1, 6)), x)),
         ]:
             seen = []
-            impl = getattr(ops, f"{name}_{mode}")
-            monkeypatch.setattr(ops, f"{name}_{mode}", lambda *a, _i=impl, **k: seen.append(1) or _i(*a, **k))
+            impl = ops.IMPLEMENTATIONS[name][mode]
+            monkeypatch.setitem(ops.IMPLEMENTATIONS[name], mode, lambda *a, _i=impl, **k: seen.append(1) or _i(*a, **k))
             call()
             assert seen, (name, mode)

@@ -96,10 +96,7 @@ def train(config: Any, workdir: str, *,
     model = models.create(config.model)
     schedule = sampling.make_schedule(config)
     tx, lr_schedule = make_optimizer(tc)
-    kernels = ops.selected()
-    logging.info("convolution / normalisation kernels: %s%s", kernels,
-                 f" (native unavailable: {ops.native.reason()})"
-                 if kernels == "fast" and not ops.native.available() else "")
+    ops.prepare()  # chooses, builds (outside any trace) and logs the kernels once
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)
