@@ -47,6 +47,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    ops.prepare()  # kernels chosen (DIFFUSION_JAX_OPS) and built before any trace
     config = FLAGS.config
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     mesh = parallel.make_mesh()
