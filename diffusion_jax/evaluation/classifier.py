@@ -31,6 +31,8 @@ import numpy as np
 import optax
 from flax import serialization
 
+from diffusion_jax import images as image_lib
+
 PARAMS_FILE = "params.msgpack"
 META_FILE = "meta.json"
 # The architecture the training command uses: ~7.6M multiply-adds per 28x28 image.
@@ -74,14 +76,10 @@ def make_model(num_classes: int, arch: dict | None = None) -> Classifier:
 def to_model_input(images) -> np.ndarray:
     """uint8 [N,H,W,C] in [0,255] -> float32 in [-1, 1]; float input is taken as already in [-1, 1]."""
     images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
-    return images.astype(np.float32)
+    return image_lib.to_float(images) if images.dtype == np.uint8 else images.astype(np.float32)
 
 
-def quantize(images) -> np.ndarray:
-    """Float images in [-1, 1] -> uint8, as a generated sample becomes a stored image."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+quantize = image_lib.to_uint8  # float images in [-1, 1] -> uint8 (diffusion_jax.images)
 
 
 def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:

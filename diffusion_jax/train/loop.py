@@ -27,7 +27,7 @@ from tqdm import tqdm
 from diffusion_jax import models, ops
 from diffusion_jax.train import checkpoints, parallel, sampling
 from diffusion_jax.train import config as config_lib
-from diffusion_jax.train.logging import MetricWriter, save_image_grid
+from diffusion_jax.train.writers import MetricWriter, save_image_grid
 from diffusion_jax.train.state import TrainState, create_train_state, make_optimizer, num_params
 from diffusion_jax.train.step import jit_train_step, make_train_step
 from diffusion_jax.train.synthetic import NAME as SYNTHETIC, SyntheticIterator
