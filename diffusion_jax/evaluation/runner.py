@@ -36,30 +36,24 @@ def _dataset_name(config: Any) -> str:
 def load_split(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N,H,W,C], int32 labels [N]) of the experiment's dataset.
 
-    The test-only "synthetic" dataset of diffusion_jax.train.synthetic is drawn here
-    (2,000 train / 1,000 test images, quantised to uint8) so that the whole evaluation
-    runs in tests without prepared data.
+    A generated dataset (the test-only "synthetic" one: 2,000 train / 1,000 test
+    images) is drawn from config.seed, so the whole evaluation runs in tests
+    without prepared data.
     """
-    name = _dataset_name(config)
-    if name == "synthetic":
-        from diffusion_jax.train.synthetic import SyntheticIterator
-
-        mc = config.model
-        size = {"train": 2000, "test": 1000}[split]
-        it = SyntheticIterator(batch_size=size, image_shape=(mc.image_size, mc.image_size, mc.in_channels),
-                               num_classes=mc.num_classes, seed=config.seed + (1 if split == "test" else 2))
-        batch = next(it)
-        return classifier.quantize(batch["image"]), batch["label"].astype(np.int32)
     from diffusion_jax import data
 
-    images, labels = data.load_arrays(name, split, data_dir=config.data.get("data_dir", "") or None)
+    images, labels = data.load_arrays(_dataset_name(config), split, data_dir=config.data.get("data_dir", "") or None,
+                                      geometry=data.model_geometry(config.model), seed=int(config.seed))
     return np.asarray(images, np.uint8), np.asarray(labels, np.int32)
 
 
 def _classifier(config: Any, workdir: str, settings: dict, train_split, test_split):
     """(module, params, meta) of the evaluation classifier; trained first if missing."""
+    from diffusion_jax import data
+
     name = _dataset_name(config)
-    default = (os.path.join(workdir, "eval", "classifier") if name == "synthetic"
+    # A generated dataset is drawn at this run's geometry, so its classifier belongs to the run.
+    default = (os.path.join(workdir, "eval", "classifier") if name in data.GENERATED
                else os.path.join("runs", f"classifier_{name}"))
     directory = settings["classifier_dir"] or default
     if not os.path.exists(os.path.join(directory, classifier.META_FILE)):
