@@ -309,14 +309,14 @@ def test_cfg_matches_two_separate_passes():
         expected[..., 1:] = cond[..., 1:]  # variance channels: conditional
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     # w = 0 is the conditional model
-    fn0 = guidance.guided_denoise_fn(apply, v, y, 0.0, uncond=guidance.null_cond(cfg, 3))
+    fn0 = guidance.guided_denoise_fn(apply, v, y, 0.0, uncond=models.null_cond(cfg, 3))
     np.testing.assert_allclose(np.asarray(fn0(x, t)), cond, rtol=1e-5, atol=1e-5)
 
 
 def test_null_cond_and_drop_condition():
-    assert guidance.null_cond(tiny_unet(), 4) is None
-    np.testing.assert_array_equal(np.asarray(guidance.null_cond(tiny_unet(num_classes=10), 3)), [10, 10, 10])
-    assert guidance.null_cond(tiny_unet(cond_dim=7), 2).shape == (2, 7)
+    assert models.null_cond(tiny_unet(), 4) is None
+    np.testing.assert_array_equal(np.asarray(models.null_cond(tiny_unet(num_classes=10), 3)), [10, 10, 10])
+    assert models.null_cond(tiny_unet(cond_dim=7), 2).shape == (2, 7)
     labels = jnp.arange(1000) % 10
     dropped = guidance.drop_condition(labels, jax.random.key(0), 0.2, jnp.full(1000, 10))
     frac = float(jnp.mean(dropped == 10))

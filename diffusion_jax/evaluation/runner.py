@@ -150,12 +150,12 @@ class Generator:
 
 
 def _bpd(config, params, settings, test_images, out_dir) -> dict:
-    from diffusion_jax.models import guidance as guidance_lib
+    from diffusion_jax import models
 
     schedule, _, num_classes, make_denoise_fn = _model_bits(config)
     n = min(int(settings["bpd_num_images"]), len(test_images))
     batch = min(int(settings["bpd_batch_size"]), n)
-    uncond = guidance_lib.null_cond(config.model, batch) if num_classes > 0 else None
+    uncond = models.null_cond(config.model, batch) if num_classes > 0 else None
 
     def denoise(p, x_t, t):
         # The unconditional likelihood p(x): the null label of CFG training (Ho & Salimans 2022).
