@@ -200,6 +200,7 @@ def test_zero_initialised_output(learner, name):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, combine", [("unet", "add"), ("dit", "concat")])
 def test_labels_change_output_and_null_is_honoured(name, combine):
     cfg = TINY[name](num_classes=3, cond_combine=combine)
@@ -218,6 +219,7 @@ def test_labels_change_output_and_null_is_honoured(name, combine):
     assert float(jnp.max(jnp.abs(null - out0))) > 1e-4
 
 
+@pytest.mark.slow
 def test_text_condition_and_zero_vector_null():
     cfg = tiny_unet(cond_dim=6, cond_combine="concat")
     model = models.create(cfg)
@@ -241,6 +243,7 @@ def test_unconditional_model_rejects_cond():
 # --------------------------------------------------------------------------- gradients, jit, dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_jit_forward_backward_gradients_finite(name):
     cfg = TINY[name](num_classes=2, dropout=0.1, learn_sigma=True,
@@ -267,6 +270,7 @@ def test_jit_forward_backward_gradients_finite(name):
     assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(flat, jax.tree.leaves(grads2)))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_params():
     cfg = tiny_unet()
     model32 = models.create(cfg)
