@@ -18,33 +18,12 @@ import pytest
 from diffusion_jax import ops
 from diffusion_jax.ops import conv as conv_module
 from diffusion_jax.ops import native
-from native_support import require_native
+from ops_support import RTOL32, full_float32_precision, native_impl, rel_err  # noqa: F401 (an autouse fixture)
 
 _GEMM_RULE = conv_module.use_gemm_weight_grad  # the real rule, before the fixture below replaces it
 
-RTOL32 = 1e-5
-
-
-def _native_impl(name):
-    """The native implementation (skips where the host cannot build the kernels)."""
-    require_native()
-    return getattr(ops, name)
-
 
 CONV_IMPLS = ["conv2d_fast", "conv2d_native"]
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_precision():
-    """GPUs run float32 convolutions and matmuls in TF32 by default; 1e-5 needs full float32."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 # ----------------------------------------------------------------------------
@@ -150,7 +129,7 @@ def _conv_value_and_grads(impl, x, kernel, g, strides, padding):
 @pytest.mark.parametrize("impl", CONV_IMPLS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(c[2:]) + str(c[:2]) for c in CONV_CASES])
 def test_conv2d_matches_reference_and_float64(case, impl):
-    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
+    impl = native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     x, kernel, g, strides, padding = _conv_inputs(case)
     fast = jax.jit(lambda x, k, g: _conv_value_and_grads(impl, x, k, g, strides, padding))
     ref = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_reference, x, k, g, strides, padding))
@@ -158,8 +137,8 @@ def test_conv2d_matches_reference_and_float64(case, impl):
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
     for name, a, b, c in zip(("y", "dx", "dkernel"), got, want, oracle):
         assert a.shape == b.shape == c.shape, name
-        assert _rel_err(a, b) < RTOL32, (name, _rel_err(a, b))
-        assert _rel_err(a, c) < RTOL32, (name, _rel_err(a, c))
+        assert rel_err(a, b) < RTOL32, (name, rel_err(a, b))
+        assert rel_err(a, c) < RTOL32, (name, rel_err(a, c))
 
 
 @pytest.mark.parametrize("impl", CONV_IMPLS)
@@ -175,13 +154,13 @@ def test_conv2d_bfloat16(case, impl):
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
     for name, a, b, c in zip(("y", "dx", "dkernel"), got, want, oracle):
         assert a.dtype == jnp.bfloat16, name
-        assert _rel_err(a, b) < 2e-2, (name, _rel_err(a, b))
-        assert _rel_err(a, c) < 2e-2, (name, _rel_err(a, c))
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+        assert rel_err(a, c) < 2e-2, (name, rel_err(a, c))
 
 
 @pytest.mark.parametrize("impl", CONV_IMPLS)
 def test_conv2d_under_vmap(impl):
-    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
+    impl = native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     # vmap over a leading axis of x and per-example kernels, gradients included.
     case = CONV_CASES[1]
     xs, ks, gs = [], [], []
@@ -198,9 +177,9 @@ def test_conv2d_under_vmap(impl):
     for i in range(3):
         oracle = np_conv_and_grads(x[i], k[i], g[i], strides, padding)
         for a, c in zip(got, oracle):
-            assert _rel_err(a[i], c) < RTOL32
+            assert rel_err(a[i], c) < RTOL32
     for a, b in zip(got, want):
-        assert _rel_err(a, b) < RTOL32
+        assert rel_err(a, b) < RTOL32
 
 
 def test_conv2d_fast_with_xla_weight_grad(monkeypatch):
@@ -210,7 +189,7 @@ def test_conv2d_fast_with_xla_weight_grad(monkeypatch):
     got = jax.jit(lambda x, k, g: _conv_value_and_grads(ops.conv2d_fast, x, k, g, strides, padding))(x, kernel, g)
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
     for a, c in zip(got, oracle):
-        assert _rel_err(a, c) < RTOL32
+        assert rel_err(a, c) < RTOL32
 
 
 # ----------------------------------------------------------------------------
@@ -224,13 +203,13 @@ def test_native_falls_back_to_fast_when_unavailable(monkeypatch):
     got = _conv_value_and_grads(ops.conv2d_native, x, kernel, g, strides, padding)
     oracle = np_conv_and_grads(x, kernel, g, strides, padding)
     for a, c in zip(got, oracle):
-        assert _rel_err(a, c) < RTOL32
+        assert rel_err(a, c) < RTOL32
     jaxpr = str(jax.make_jaxpr(lambda x, k: ops.conv2d_native(x, k))(x, kernel))
     assert "dj_conv2d" not in jaxpr
 
 
 def test_native_kernels_are_in_the_traced_program():
-    impl = _native_impl("conv2d_native")
+    impl = native_impl("conv2d_native")
     x, kernel, g, strides, padding = _conv_inputs(CONV_CASES[0])
     text = jax.jit(lambda x, k, g: _conv_value_and_grads(impl, x, k, g, strides, padding)).lower(
         x, kernel, g

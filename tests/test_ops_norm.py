@@ -16,31 +16,10 @@ import pytest
 
 from diffusion_jax import ops
 from diffusion_jax.ops import native
-from native_support import require_native
-
-RTOL32 = 1e-5
-
-
-def _native_impl(name):
-    """The native implementation (skips where the host cannot build the kernels)."""
-    require_native()
-    return getattr(ops, name)
+from ops_support import RTOL32, full_float32_precision, native_impl, rel_err  # noqa: F401 (an autouse fixture)
 
 
 GN_IMPLS = ["group_norm_fast", "group_norm_native"]
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_precision():
-    """GPUs run float32 convolutions and matmuls in TF32 by default; 1e-5 needs full float32."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def np_group_norm(x, scale, bias, num_groups, eps):
@@ -104,15 +83,15 @@ def _np_gn_grads_fd(x, scale, bias, g, groups, eps, directions):
 @pytest.mark.parametrize("impl", GN_IMPLS)
 @pytest.mark.parametrize("case", GN_CASES, ids=[str(c) for c in GN_CASES])
 def test_group_norm_matches_reference_and_float64(case, impl):
-    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
+    impl = native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     x, scale, bias, g, groups = _gn_inputs(case)
     got = jax.jit(lambda *a: _gn_value_and_grads(impl, *a, groups))(x, scale, bias, g)
     want = jax.jit(lambda *a: _gn_value_and_grads(ops.group_norm_reference, *a, groups))(x, scale, bias, g)
     for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
         assert a.shape == b.shape, name
-        assert _rel_err(a, b) < RTOL32, (name, _rel_err(a, b))
+        assert rel_err(a, b) < RTOL32, (name, rel_err(a, b))
     # Independent float64 oracle: forward values, and directional derivatives.
-    assert _rel_err(got[0], np_group_norm(x, scale, bias, groups, 1e-5)) < RTOL32
+    assert rel_err(got[0], np_group_norm(x, scale, bias, groups, 1e-5)) < RTOL32
     rng = np.random.default_rng(0)
     dirs = [(0, rng.standard_normal(x.shape)), (1, rng.standard_normal(scale.shape)),
             (2, rng.standard_normal(bias.shape))]
@@ -131,12 +110,12 @@ def test_group_norm_bfloat16(impl):
     assert got[0].dtype == got[1].dtype == jnp.bfloat16
     assert got[2].dtype == got[3].dtype == jnp.float32
     for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
-        assert _rel_err(a, b) < 2e-2, (name, _rel_err(a, b))
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 
 
 @pytest.mark.parametrize("impl", GN_IMPLS)
 def test_group_norm_under_vmap(impl):
-    impl = _native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
+    impl = native_impl(impl) if impl.endswith("native") else getattr(ops, impl)
     x, scale, bias, g, groups = _gn_inputs(GN_CASES[1], seed=3)
     xs = jnp.stack([x, 2.0 * x + 1.0])
     gs = jnp.stack([g, -g])
@@ -146,7 +125,7 @@ def test_group_norm_under_vmap(impl):
 
     got, want = batched(impl)(xs, gs), batched(ops.group_norm_reference)(xs, gs)
     for a, b in zip(got, want):
-        assert _rel_err(a, b) < RTOL32
+        assert rel_err(a, b) < RTOL32
 
 
 def test_group_norm_rejects_bad_groups():
