@@ -135,11 +135,13 @@ def prepare(mode: str | None = None) -> str:
     backend). Repeated calls with the same request are free and log nothing.
     """
     global _prepared
-    chosen = _resolve(_check_mode(mode) if mode else _requested(), build=True)
+    requested = _check_mode(mode) if mode else _requested()
+    chosen = _resolve(requested, build=True)
     if chosen != _prepared:
         why = ""
-        if chosen == "fast" and jax.default_backend() == "cpu" and not native.available():
-            why = f" (native kernels unavailable: {native.reason()})"
+        wanted_native = chosen == "native" or (requested == "auto" and jax.default_backend() == "cpu")
+        if wanted_native and not native.available():  # built already by _resolve: no second build
+            why = f" (native kernels unavailable, using the fast ones: {native.reason()})"
         logging.info("ops: %s kernels on %s%s", chosen, jax.default_backend(), why)
     _prepared = chosen
     return chosen
