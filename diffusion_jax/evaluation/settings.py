@@ -28,7 +28,7 @@ EVAL_DEFAULTS = {
     "bpd_num_timesteps": 20,  # K: unbiased estimate from <= K+1 network calls per image; 0 = all T terms
     "bpd_estimator": "stratified",  # stratified (decoder exact + geometric strata) | uniform (diffusion.bits_per_dim)
     "bpd_batch_size": 250,  # images per bits/dim call
-    "classifier_dir": "",  # "" = runs/classifier_<dataset> (synthetic: <workdir>/eval/classifier)
+    "classifier_dir": "",  # "" = runs/classifier_<dataset> (a generated dataset such as synthetic: <workdir>/eval/classifier)
     "train_classifier": True,  # train the classifier when classifier_dir has none
     "classifier_epochs": 4,  # epochs when evaluate trains it
     "classifier_max_shift": 2,  # random-shift augmentation (pixels) when evaluate trains it
