@@ -54,9 +54,9 @@ def main() -> None:
     tmp = None
     if args.synthetic:
         tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
-        args.data_dir, args.dataset = tmp.name, "synthetic"
+        args.data_dir, args.dataset = tmp.name, "random_uint8"
         rng = np.random.default_rng(0)
-        data.write_arrays("synthetic", {"train": (rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8),
+        data.write_arrays("random_uint8", {"train": (rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8),
                                                   rng.integers(0, 10, 60000))}, num_classes=10,
                           data_dir=args.data_dir)
 

@@ -118,6 +118,7 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
 
 
 def main() -> None:
+    ops.prepare()  # kernels chosen (DIFFUSION_JAX_OPS) and built before any trace
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128, help="images per step")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (median reported)")

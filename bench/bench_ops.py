@@ -87,7 +87,7 @@ def _time_impls(op: str, call, x, params: tuple, dy, rounds: int) -> dict[str, f
 
     fns = {}
     for i in IMPLS:
-        fns[f"f_{i}"], fns[f"fb_{i}"] = pair(getattr(ops, f"{op}_{i}"))
+        fns[f"f_{i}"], fns[f"fb_{i}"] = pair(ops.implementation(op, i))
     return _interleaved(fns, (x, dy), rounds)
 
 
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=("conv", "group_norm", "dit"), default=None)
     args = parser.parse_args()
+    ops.native.available()  # build the native kernels before any trace
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.1f}, jax {jax.__version__} ({jax.default_backend()})")
     if args.only in (None, "conv"):

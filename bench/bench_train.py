@@ -47,10 +47,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    ops.prepare()  # kernels chosen (DIFFUSION_JAX_OPS) and built before any trace
     config = FLAGS.config
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     mesh = parallel.make_mesh()
-    repl = parallel.replicated(mesh)
+    repl = parallel.replicated_sharding(mesh)
     model = models.create(config.model)
     schedule = sampling.make_schedule(config)
     tx, lr = make_optimizer(config.training)
@@ -61,7 +62,7 @@ def main(argv):
     batch = parallel.global_batch(mesh, {
         "image": rng.uniform(-1, 1, (b, mc.image_size, mc.image_size, mc.in_channels)).astype(np.float32),
         "label": rng.integers(0, max(mc.num_classes, 1), b).astype(np.int32)})
-    key = parallel.replicate(mesh, jax.random.PRNGKey(1))
+    key = parallel.replicate_array(mesh, jax.random.PRNGKey(1))
 
     step = jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh)
     t = time.perf_counter()

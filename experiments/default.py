@@ -7,7 +7,8 @@ its fields are documented there (diffusion_jax/models/__init__.py).
 
 import ml_collections
 
-from diffusion_jax import evaluation, models, processes, samplers
+from diffusion_jax import models, processes, samplers
+from diffusion_jax.evaluation.settings import EVAL_DEFAULTS
 
 
 def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
@@ -89,9 +90,9 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.sample.labels = ""  # --mode sample: comma-separated class labels ("3,3,7"), "" = cycle 0..K-1
     config.sample.batch_size = 256  # --mode sample: images per sampler call, >= 1
 
-    # --- evaluation (--mode eval): every knob of diffusion_jax.evaluation.EVAL_DEFAULTS,
+    # --- evaluation (--mode eval): every knob of diffusion_jax.evaluation.settings.EVAL_DEFAULTS,
     # documented there (None = taken from config.seed / config.sample) --------------
-    config.eval = ml_collections.ConfigDict(dict(evaluation.EVAL_DEFAULTS))
+    config.eval = ml_collections.ConfigDict(dict(EVAL_DEFAULTS))
 
     # --- multi-host -----------------------------------------------------------
     config.parallel = ml_collections.ConfigDict()

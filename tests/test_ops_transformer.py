@@ -15,28 +15,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import models, ops
-from diffusion_jax.ops import native
-
-RTOL32 = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _impl(name: str):
-    if name.endswith("_native"):
-        if jax.default_backend() != "cpu":
-            pytest.skip("native kernels are XLA:CPU custom calls")
-        assert native.available(), native.reason()  # CI installs the "cpu" extra
-    return getattr(ops, name)
-
-
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+from ops_support import RTOL32, full_float32_precision, native_impl, rel_err, require_native  # noqa: F401 (an autouse fixture)
 
 
 def _check(impl, f64, args, seed=0, directions=2, h=1e-6):
@@ -46,7 +25,7 @@ def _check(impl, f64, args, seed=0, directions=2, h=1e-6):
     out = impl(*args32)
     want = f64(*args)
     assert out.shape == want.shape
-    assert _rel_err(out, want) < RTOL32, _rel_err(out, want)
+    assert rel_err(out, want) < RTOL32, rel_err(out, want)
     g = rng.standard_normal(want.shape)
     grads = jax.grad(lambda *a: jnp.sum(impl(*a) * jnp.asarray(g, jnp.float32)), range(len(args)))(*args32)
     for i, grad in enumerate(grads):
@@ -98,14 +77,14 @@ def test_dense_matches_float64(impl, x_shape, features):
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal((x_shape[-1], features)) / np.sqrt(x_shape[-1])
     b = rng.standard_normal(features)
-    _check(_impl(impl), np_dense, [x, w, b])
+    _check(native_impl(impl), np_dense, [x, w, b])
 
 
 def test_dense_native_without_bias_and_in_bfloat16():
-    impl = _impl("dense_native")
+    impl = native_impl("dense_native")
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((6, 8)), rng.standard_normal((8, 5))
-    assert _rel_err(impl(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)), x @ w) < RTOL32
+    assert rel_err(impl(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)), x @ w) < RTOL32
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     assert "dj_" not in str(jax.make_jaxpr(impl)(xb, wb))  # falls back to XLA
     assert impl(xb, wb).dtype == jnp.bfloat16
@@ -132,7 +111,7 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("shape, heads", ATTENTION_CASES, ids=[str(c) for c in ATTENTION_CASES])
 def test_self_attention_matches_float64(impl, shape, heads):
     qkv = np.random.default_rng(3).standard_normal(shape) * 1.5
-    fn = _impl(impl)
+    fn = native_impl(impl)
     _check(lambda a: fn(a, heads), lambda a: np_self_attention(a, heads), [qkv])
 
 
@@ -147,7 +126,7 @@ def test_attention_over_separate_q_k_v(impl):
             b, n, h, d
         )
 
-    _check(_impl(impl), f64, [q, k, v])
+    _check(native_impl(impl), f64, [q, k, v])
 
 
 def test_cross_attention_lengths_take_the_reference():
@@ -175,7 +154,7 @@ def test_adaptive_layer_norm_matches_float64(impl, shape):
     rng = np.random.default_rng(6)
     x = rng.standard_normal(shape) * 2 + 3  # an offset mean: the variance must not cancel
     shift, scale = rng.standard_normal((2, shape[0], shape[2]))
-    _check(_impl(impl), np_adaln, [x, shift, scale])
+    _check(native_impl(impl), np_adaln, [x, shift, scale])
 
 
 def test_adaptive_layer_norm_rejects_bad_shapes():
@@ -189,12 +168,12 @@ def test_adaptive_layer_norm_rejects_bad_shapes():
 @pytest.mark.parametrize("impl", ["gelu_reference", "gelu_native"])
 def test_gelu_matches_float64(impl):
     x = np.concatenate([np.linspace(-6, 6, 1001), np.random.default_rng(7).standard_normal(77) * 3])
-    _check(_impl(impl), np_gelu, [x.reshape(2, -1)])
+    _check(native_impl(impl), np_gelu, [x.reshape(2, -1)])
 
 
 def test_gelu_native_saturates_like_the_formula():
     x = np.array([-80.0, -20.0, -9.0, 9.0, 20.0, 80.0])
-    np.testing.assert_allclose(_impl("gelu_native")(jnp.asarray(x, jnp.float32)), np_gelu(x), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(native_impl("gelu_native")(jnp.asarray(x, jnp.float32)), np_gelu(x), rtol=1e-6, atol=1e-30)
 
 
 # ---------------------------------------------------------------------------- gated residual
@@ -210,14 +189,14 @@ def test_gated_residual_matches_float64(impl, shape):
     rng = np.random.default_rng(9)
     x, h = rng.standard_normal((2, *shape))
     gate = rng.standard_normal((shape[0], shape[2]))
-    _check(_impl(impl), np_gated_residual, [x, gate, h])
+    _check(native_impl(impl), np_gated_residual, [x, gate, h])
 
 
 def test_gated_residual_native_gate_gradient_sums_over_tokens():
     # dgate[b] = sum_t dy[b, t] h[b, t]: with dy = 1 and h = t + 1 it is L (L + 1) / 2 in every entry.
     b, n, d = 3, 50, 20
     h = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32)[None, :, None], (b, n, d))
-    dgate = jax.grad(lambda g: jnp.sum(_impl("gated_residual_native")(jnp.zeros((b, n, d)), g, h)))(
+    dgate = jax.grad(lambda g: jnp.sum(native_impl("gated_residual_native")(jnp.zeros((b, n, d)), g, h)))(
         jnp.zeros((b, d))
     )
     np.testing.assert_array_equal(dgate, np.full((b, d), n * (n + 1) / 2, np.float32))
@@ -231,9 +210,9 @@ def test_gated_residual_rejects_bad_shapes():
 # ---------------------------------------------------------------------------- in the DiT
 
 
+@pytest.mark.slow
 def test_dit_native_matches_reference_and_uses_the_custom_calls():
-    if jax.default_backend() != "cpu":
-        pytest.skip("native kernels are XLA:CPU custom calls")
+    require_native()
     cfg = models.default_config("dit")
     cfg.hidden_size, cfg.depth, cfg.num_classes = 64, 2, 3
     model = models.create(cfg)
@@ -260,22 +239,4 @@ def test_dit_native_matches_reference_and_uses_the_custom_calls():
     (lr, gr), (ln, gn) = results["reference"], results["native"]
     assert abs(float(ln) - float(lr)) <= 1e-5 * abs(float(lr))
     for a, b in zip(jax.tree.leaves(gn), jax.tree.leaves(gr)):
-        assert _rel_err(a, b) < 1e-4
-
-
-def test_dispatch_covers_the_transformer_ops(monkeypatch):
-    x = jnp.ones((1, 4, 6))
-    for mode in ("reference", "fast", "native"):
-        monkeypatch.setenv(ops.ENV_VAR, mode)
-        for name, call in [
-            ("dense", lambda: ops.dense(x, jnp.ones((6, 2)))),
-            ("self_attention", lambda: ops.self_attention(x, 1)),
-            ("adaptive_layer_norm", lambda: ops.adaptive_layer_norm(x, jnp.ones((1, 6)), jnp.ones((1, 6)))),
-            ("gelu", lambda: ops.gelu(x)),
-            ("gated_residual", lambda: ops.gated_residual(x, jnp.ones((1, 6)), x)),
-        ]:
-            seen = []
-            impl = getattr(ops, f"{name}_{mode}")
-            monkeypatch.setattr(ops, f"{name}_{mode}", lambda *a, _i=impl, **k: seen.append(1) or _i(*a, **k))
-            call()
-            assert seen, (name, mode)
+        assert rel_err(a, b) < 1e-4

@@ -10,10 +10,16 @@ Preparation (`python -m diffusion_jax.data prepare <name> [--from DIR]`)
 writes tfds' own dataset (array_record, readable by `tfds.data_source` and
 grain) plus a decoded uint8 cache that training reads with numpy alone;
 see `storage` for the layout and `pipeline` for the batch order.
+
+`GENERATED` names the datasets drawn in memory instead (the test-only
+"synthetic" patterns); `info`, `load_arrays` and `make_iterator` serve them
+like the others, at the image shape and class count of the model
+(`geometry=model_geometry(config.model)`), which stored datasets ignore.
 """
 
 from __future__ import annotations
 
+from diffusion_jax.data import storage, synthetic
 from diffusion_jax.data.pipeline import ArraySource, BatchIterator
 from diffusion_jax.data.sources import ChecksumError, SourceUnavailableError
 from diffusion_jax.data.storage import (
@@ -23,8 +29,6 @@ from diffusion_jax.data.storage import (
     DatasetInfo,
     MissingDatasetError,
     UnknownDatasetError,
-    info,
-    load_arrays,
     prepare,
     prepared_dir,
     resolve_data_dir,
@@ -33,20 +37,62 @@ from diffusion_jax.data.storage import (
 
 __all__ = [
     "DATASETS", "ArraySource", "BatchIterator", "ChecksumError", "CorruptCacheError", "DatasetError", "DatasetInfo",
-    "MissingDatasetError", "SourceUnavailableError", "UnknownDatasetError", "info", "load_arrays",
-    "data_source", "make_iterator", "prepare", "prepared_dir", "resolve_data_dir", "write_arrays",
+    "GENERATED", "MissingDatasetError", "SourceUnavailableError", "UnknownDatasetError", "check_name", "info",
+    "load_arrays", "data_source", "make_iterator", "model_geometry", "prepare", "prepared_dir", "resolve_data_dir",
+    "write_arrays",
 ]
+
+# name -> module drawing that dataset in memory: info(geometry), load_arrays(split, geometry, seed),
+# make_iterator(geometry, batch_size=, seed=, process_index=, process_count=).
+GENERATED = {synthetic.NAME: synthetic}
+
+
+def model_geometry(model_config) -> tuple[tuple[int, int, int], int]:
+    """((H, W, C), num_classes) a model config declares: the shape a generated dataset is drawn at."""
+    size = int(model_config.image_size)
+    return (size, size, int(model_config.in_channels)), int(model_config.num_classes)
+
+
+def _geometry(name: str, geometry):
+    if geometry is None:
+        raise ValueError(f"dataset {name!r} is generated: pass geometry=model_geometry(config.model)")
+    return geometry
+
+
+def check_name(name: str, data_dir=None) -> None:
+    """Raises UnknownDatasetError unless `name` is generated, known, prepared or a tfds name."""
+    if name in GENERATED:
+        return
+    storage.check_name(name, data_dir)
+
+
+def info(name: str, *, data_dir=None, geometry=None) -> DatasetInfo:
+    """Image shape (H, W, C), number of classes and split sizes of `name`."""
+    if name in GENERATED:
+        return GENERATED[name].info(_geometry(name, geometry))
+    return storage.info(name, data_dir=data_dir)
+
+
+def load_arrays(name: str, split: str, *, data_dir=None, auto_prepare: bool = True, verify: bool = True,
+                geometry=None, seed: int = 0):
+    """(uint8 images [N, H, W, C], int32 labels [N]) of one split; `seed` draws a generated one."""
+    if name in GENERATED:
+        return GENERATED[name].load_arrays(split, _geometry(name, geometry), seed)
+    return storage.load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare, verify=verify)
 
 
 def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   random_flip: bool = False, num_epochs=None, process_index: int | None = None,
-                  process_count: int | None = None, data_dir=None, auto_prepare: bool = True) -> BatchIterator:
+                  process_count: int | None = None, data_dir=None, auto_prepare: bool = True,
+                  geometry=None) -> BatchIterator:
     """Batches of split `split` of dataset `name` for this process.
 
     `batch_size` is global: each of the `process_count` processes (default
     `jax.process_count()`) yields `batch_size // process_count` examples, its
     own disjoint slice of the same global batch. The dataset is prepared on
     first use unless `auto_prepare=False`. See `pipeline` for the exact order.
+    A generated dataset (`GENERATED`) is drawn at `geometry` instead; its
+    stream ignores shuffle, flips and epochs.
     """
     if process_index is None or process_count is None:
         import jax
@@ -58,6 +104,9 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
             and batch_size % process_count:
         raise ValueError(f"batch_size ({batch_size}) is global and must divide by process_count "
                          f"({process_count}); use a multiple of {process_count}")
+    if name in GENERATED:
+        return GENERATED[name].make_iterator(_geometry(name, geometry), batch_size=batch_size, seed=seed,
+                                             process_index=process_index, process_count=process_count)
     images, labels = load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare)
     return BatchIterator(images, labels, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          random_flip=random_flip, num_epochs=num_epochs, process_index=process_index,

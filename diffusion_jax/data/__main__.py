@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 
 import numpy as np
+from absl import logging
 
 from diffusion_jax import data
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     q.add_argument("name")
     q.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.set_verbosity(logging.INFO)  # the library's progress lines (absl logging, to stderr)
 
     try:
         if args.command == "prepare":

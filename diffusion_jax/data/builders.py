@@ -23,9 +23,9 @@ import tensorflow as tf  # noqa: E402  (before tfds, so its devices are set here
 try:
     tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TF already initialised its devices elsewhere in this process
-    import logging
+    from absl import logging
 
-    logging.getLogger(__name__).warning(
+    logging.warning(
         "TensorFlow was initialised before diffusion_jax.data could hide the GPUs from it; it may hold "
         "accelerator memory. Prepare datasets in a separate process (python -m diffusion_jax.data prepare).")
 

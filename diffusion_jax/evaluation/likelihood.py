@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
+from diffusion_jax import images as image_lib
 
 BPD_KEYS = ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")
 ESTIMATORS = ("stratified", "uniform")
@@ -85,7 +86,7 @@ def uint8_to_model(images) -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 pixel levels 0..255 for a discrete likelihood, "
                          f"got {images.dtype}")
-    return images.astype(np.float32) / 127.5 - 1.0
+    return image_lib.to_float(images)
 
 
 def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=None,

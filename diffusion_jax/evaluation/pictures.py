@@ -13,12 +13,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion_jax.evaluation.classifier import quantize
+from diffusion_jax import images as image_lib
 
 
 def _to_uint8(images) -> np.ndarray:
     images = np.asarray(images)
-    return images if images.dtype == np.uint8 else quantize(images)
+    return images if images.dtype == np.uint8 else image_lib.to_uint8(images)
 
 
 def grid(images, ncol: int, *, pad: int = 2, scale: int = 2, background: int = 255) -> Image.Image:
@@ -26,14 +26,8 @@ def grid(images, ncol: int, *, pad: int = 2, scale: int = 2, background: int = 2
     images = _to_uint8(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be [N,H,W,C] with C in (1, 3), got {images.shape}")
-    n, h, w, c = images.shape
-    nrow = -(-n // ncol)
-    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), background, np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[y:y + h, x:x + w] = img
-    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    canvas = image_lib.tile(images, ncol, pad=pad, background=background)
+    picture = Image.fromarray(canvas[..., 0] if images.shape[-1] == 1 else canvas)
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from diffusion_jax.evaluation import metrics
-from diffusion_jax.evaluation.classifier import quantize
+from diffusion_jax.images import to_uint8 as quantize
 
 # (name in the result dict, column header, format)
 COLUMNS = (

@@ -20,7 +20,7 @@ import ml_collections
 
 from diffusion_jax.models import guidance
 from diffusion_jax.models.dit import DIT_SIZES, DiT
-from diffusion_jax.models.embeddings import COND_COMBINES, timestep_embedding
+from diffusion_jax.models.embeddings import COND_COMBINES, null_cond, timestep_embedding
 from diffusion_jax.models.layers import DTYPES
 from diffusion_jax.models.unet import UNet
 
@@ -191,11 +191,6 @@ def create(config: Any) -> nn.Module:
     c = validate(config)
     name = c.pop("name")
     return {"unet": UNet, "dit": DiT}[name](**c)
-
-
-def null_cond(config: Any, batch: int):
-    """The null condition for `batch` examples (see `guidance.null_cond`)."""
-    return guidance.null_cond(config, batch)
 
 
 __all__ = [

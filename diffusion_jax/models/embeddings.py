@@ -8,6 +8,7 @@ vectors); the two are combined by "add" or "concat" (`Embedding`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -88,8 +89,26 @@ class ConditionEmbedding(nn.Module):
         )
 
 
-def null_condition(batch: int, *, num_classes: int = 0, cond_dim: int = 0) -> jax.Array | None:
-    """The null (unconditional) condition for a batch: label num_classes, or zeros."""
+def _field(config: Any, name: str, default: Any = 0) -> Any:
+    if isinstance(config, Mapping):
+        if "name" not in config and isinstance(config.get("model"), Mapping):
+            config = config["model"]
+        return config.get(name, default)
+    if not hasattr(config, name) and hasattr(config, "model"):
+        config = config.model
+    return getattr(config, name, default)
+
+
+def null_cond(config: Any, batch: int) -> jax.Array | None:
+    """Null condition for `batch` examples of the model that `config` describes.
+
+    Labels: int32 [batch] filled with num_classes. Text vectors: float32 zeros
+    [batch, cond_dim]. Unconditional model: None. `config` is the model config
+    (or an experiment config with `.model`, or a dict with those two fields).
+    The one definition of the null condition; `diffusion_jax.models.null_cond`
+    is its public name.
+    """
+    num_classes, cond_dim = int(_field(config, "num_classes")), int(_field(config, "cond_dim"))
     if num_classes > 0:
         return jnp.full((batch,), num_classes, jnp.int32)
     if cond_dim > 0:
@@ -125,9 +144,7 @@ class Embedding(nn.Module):
                 )
             return temb
         if cond is None:
-            cond = null_condition(
-                temb.shape[0], num_classes=self.num_classes, cond_dim=self.cond_dim
-            )
+            cond = null_cond({"num_classes": self.num_classes, "cond_dim": self.cond_dim}, temb.shape[0])
         cemb = ConditionEmbedding(
             self.features, self.num_classes, self.cond_dim, self.dtype, name="cond"
         )(cond)

@@ -20,31 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.embeddings import null_condition
-
-
-def _field(config: Any, name: str, default: Any = 0) -> Any:
-    if isinstance(config, Mapping):
-        if "name" not in config and isinstance(config.get("model"), Mapping):
-            config = config["model"]
-        return config.get(name, default)
-    if not hasattr(config, name) and hasattr(config, "model"):
-        config = config.model
-    return getattr(config, name, default)
-
-
-def null_cond(config: Any, batch: int) -> jax.Array | None:
-    """Null condition for `batch` examples of the model that `config` describes.
-
-    Labels: int32 [batch] filled with num_classes. Text vectors: float32 zeros
-    [batch, cond_dim]. Unconditional model: None. `config` is the model config
-    (or an experiment config with `.model`).
-    """
-    return null_condition(
-        batch,
-        num_classes=int(_field(config, "num_classes")),
-        cond_dim=int(_field(config, "cond_dim")),
-    )
+from diffusion_jax.models.embeddings import null_cond
 
 
 def drop_condition(cond: jax.Array, key: jax.Array, p: float, uncond: jax.Array) -> jax.Array:

@@ -2,14 +2,14 @@
 
 `Conv`, `GroupNorm`, `LayerNorm` and `Dense` hold the parameters (float32)
 and delegate the arithmetic to `diffusion_jax.ops.conv2d` /
-`diffusion_jax.ops.group_norm` / `diffusion_jax.ops.dense`, so a faster kernel
+`diffusion_jax.ops.group_norm` / `diffusion_jax.ops.layer_norm` / `diffusion_jax.ops.dense`, so a faster kernel
 for one backend, swapped in inside `diffusion_jax.ops`, reaches the UNet and
 the DiT at once. The parameter-free ops (attention, adaLN, GELU, the gated
 residual) are called from the networks directly (`ops.self_attention` etc.).
 
 Compute dtype: parameters are always stored in float32; `dtype` ("float32" or
 "bfloat16") is the dtype the activations and the cast kernels are computed in.
-Normalisation statistics are taken in float32 by `ops.group_norm` whatever the
+Normalisation statistics are taken in float32 by `ops.group_norm` and `ops.layer_norm` whatever the
 input dtype.
 """
 
@@ -122,11 +122,10 @@ class GroupNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Layer normalisation over the last axis of [..., D], through `ops.group_norm`.
+    """Layer normalisation over the last axis of [..., D], through `ops.layer_norm`.
 
-    LayerNorm is GroupNorm with one group applied to each token alone, so the
-    tokens are reshaped to [N, 1, 1, D]. `use_scale=False, use_bias=False`
-    gives the parameter-free norm of DiT's adaLN blocks (Peebles & Xie 2023).
+    `use_scale=False, use_bias=False` gives the parameter-free norm of DiT's
+    adaLN blocks (Peebles & Xie 2023).
     """
 
     epsilon: float = 1e-6
@@ -145,9 +144,8 @@ class LayerNorm(nn.Module):
             bias = self.param("bias", nn.initializers.zeros_init(), (d,), jnp.float32)
         else:
             bias = jnp.zeros((d,), jnp.float32)
-        flat = x.astype(to_dtype(self.dtype)).reshape(-1, 1, 1, d)
-        y = ops.group_norm(flat, scale, bias, num_groups=1, epsilon=self.epsilon)
-        return y.reshape(x.shape).astype(to_dtype(self.dtype))
+        y = ops.layer_norm(x.astype(to_dtype(self.dtype)), scale, bias, epsilon=self.epsilon)
+        return y.astype(to_dtype(self.dtype))
 
 
 class Dense(nn.Module):

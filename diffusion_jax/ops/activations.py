@@ -22,9 +22,6 @@ def gelu_reference(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-gelu_fast = gelu_reference
-
-
 @jax.custom_vjp
 def _gelu_native(x):
     return native.gelu_forward(x)

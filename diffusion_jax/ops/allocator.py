@@ -23,12 +23,20 @@ jemalloc would. It is process-wide, so `launch.py` and the benchmarks call it
 at start-up, before JAX starts its threads (threads keep the arena they got
 on their first allocation); library code never calls it. Set
 ``DIFFUSION_JAX_MALLOC=default`` to leave the allocator alone.
+
+It applies only when JAX will run on the CPU: GPU/TPU processes keep their
+buffers in device memory and glibc's defaults. As it runs before JAX picks
+its backend, "CPU" means ``JAX_PLATFORMS`` is ``cpu``, or it is unset and no
+accelerator plugin (a ``jax_plugins`` entry point or package, ``libtpu``) is
+installed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import os
 import platform
 
@@ -38,12 +46,25 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
+def cpu_backend() -> bool:
+    """Whether JAX will run on the CPU, decided without starting JAX (see module docstring)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    return not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
 def keep_freed_memory() -> bool:
     """Tunes glibc malloc to keep freed memory (see module docstring); True if applied.
 
-    A no-op returning False on non-glibc systems or with DIFFUSION_JAX_MALLOC=default.
+    A no-op returning False on non-glibc systems, when JAX will use an
+    accelerator (`cpu_backend`) or with DIFFUSION_JAX_MALLOC=default.
     """
     if os.environ.get(ENV_VAR, "keep").strip().lower() == "default":
+        return False
+    if not cpu_backend():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -8,8 +8,9 @@ num_heads)` over one projection's packed output [B, L, 3 * H * D] (q, k, v
 in that order, each split into heads), which is what the UNet's and DiT's
 attention layers compute.
 
-* `*_reference`: two einsums around `jax.nn.softmax`, differentiated by
-  autodiff; the path on GPU/TPU ("fast" uses it too).
+* `*_reference`: `jax.nn.dot_product_attention` (float32 logits), so GPUs
+  and TPUs get XLA's fused attention kernels; differentiated by autodiff.
+  The path on GPU/TPU ("fast" uses it too).
 * `self_attention_native`: two XLA:CPU custom calls (`cpu_kernels.cc`) that
   copy each image's q, k and v heads out of the packed array into head-major
   buffers (one image per thread). The forward pass keeps
@@ -58,19 +59,13 @@ def _split(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Ar
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v per head, logits and softmax in float32; output in v's dtype."""
     _check(q, k, v)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=q.shape[-1] ** -0.5).astype(v.dtype)
 
 
 def self_attention_reference(qkv: jax.Array, num_heads: int) -> jax.Array:
     """attention_reference of the packed q, k, v; [B, L, 3*H*D] -> [B, L, H*D]."""
     q, k, v = _split(qkv, num_heads)
     return attention_reference(q, k, v).reshape(*qkv.shape[:2], -1)
-
-
-attention_fast = attention_reference
-self_attention_fast = self_attention_reference
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

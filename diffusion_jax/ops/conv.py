@@ -229,7 +229,7 @@ def conv2d_native(
     """Same function as `conv2d_reference`, every pass a oneDNN primitive (XLA:CPU custom calls).
 
     Float32 NHWC x HWIO only; other dtypes, negative padding or a host without
-    the native kernels (`native.available()`) take `conv2d_fast`.
+    the native kernels (`native.loaded()`) take `conv2d_fast`.
     """
     strides = tuple(int(s) for s in strides)
     pads = explicit_padding(x.shape, kernel.shape, strides, padding)
@@ -239,7 +239,7 @@ def conv2d_native(
         or x.ndim != 4
         or kernel.ndim != 4
         or any(p < 0 for pair in pads for p in pair)
-        or not native.available()
+        or not native.loaded()
     ):
         return conv2d_fast(x, kernel, strides=strides, padding=pads)
     if x.shape[-1] != kernel.shape[2]:

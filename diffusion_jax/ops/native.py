@@ -5,7 +5,8 @@ passes of a 2-D convolution (oneDNN primitives, NHWC x HWIO, float32),
 GroupNorm's forward and backward passes, dense layers (oneDNN matmuls),
 multi-head self-attention (oneDNN matmuls around a vectorised softmax, one
 image per thread), the DiT's adaptive LayerNorm, the tanh GELU and the
-backward pass of its gated residuals. This module compiles it on first use
+backward pass of its gated residuals. `available()` compiles it (once, outside
+any trace: `diffusion_jax.ops.prepare()` or ``python -m diffusion_jax.ops build``)
 with the system C++ compiler against
 
 * oneDNN's library and headers from the ``cpu`` extra
@@ -154,10 +155,20 @@ def reason() -> str | None:
     return _load()
 
 
+def loaded() -> bool:
+    """True when an earlier `available()` built and registered the kernels; never builds.
+
+    The kernels test this while a function is traced, so a trace never starts a
+    compiler: `diffusion_jax.ops.prepare()` (the trainer calls it before jit)
+    or ``python -m diffusion_jax.ops build`` builds them beforehand.
+    """
+    return _load.cache_info().currsize > 0 and _load() is None
+
+
 def usable(x, *operands) -> bool:
     """Whether a native kernel takes these arrays: all float32, the activation `x`
-    non-empty, and the library built and registered (see `available`)."""
-    return all(a.dtype == np.float32 for a in (x, *operands)) and x.size > 0 and available()
+    non-empty, and the library built and registered (see `loaded`)."""
+    return all(a.dtype == np.float32 for a in (x, *operands)) and x.size > 0 and loaded()
 
 
 def _conv_call(target: str, a, b, out_shape, strides, pads):

@@ -40,9 +40,6 @@ def gated_residual_reference(x: jax.Array, gate: jax.Array, h: jax.Array) -> jax
     return _apply(x, gate, h)
 
 
-gated_residual_fast = gated_residual_reference
-
-
 _gated_residual_native = jax.custom_vjp(_apply)
 
 

@@ -1,15 +1,14 @@
 """Training: validated configs, the data-parallel jit train step, Orbax checkpoints, the loop.
 
-Modules, each one job:
+Modules, each one job (the test-only "synthetic" dataset is `diffusion_jax.data.synthetic`):
     config       validate(config, ...) before any work; model-vs-dataset checks
     state        TrainState, optimiser + learning-rate schedule, EMA
     step         the jit train step (state, batch, key) -> (state, metrics)
     parallel     device mesh, batch / replicated shardings, jax.distributed start-up
     checkpoints  Orbax save / resume, data-iterator state, model-config guard
-    logging      metrics.jsonl, TensorBoard, PNG grids
+    writers      metrics.jsonl, TensorBoard, PNG grids
     sampling     make_denoise_fn, sample grids, `--mode sample`
     loop         train(config, workdir)
-    synthetic    deterministic test-only dataset
 
 For evaluation: `restore_ema_params(config, workdir)` and
 `make_denoise_fn(config, params, cond=None, guidance_scale=0.0)`.

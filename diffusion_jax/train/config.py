@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_jax.train.state import LR_SCHEDULES, OPTIMIZERS
-from diffusion_jax.train.synthetic import NAME as SYNTHETIC
 
 
 def _fail(field: str, allowed: str, value: Any) -> ValueError:
@@ -62,11 +61,10 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     _in_range(config, "seed", 0, None, integer=True)
 
     # Data.
-    if config.data.dataset != SYNTHETIC:
-        try:
-            data.storage.check_name(config.data.dataset)
-        except ValueError as e:
-            raise ValueError(f"config.data.dataset: {e} (or {SYNTHETIC!r}, the test-only patterns)") from None
+    try:
+        data.check_name(config.data.dataset)
+    except ValueError as e:
+        raise ValueError(f"config.data.dataset: {e} (or one of {tuple(data.GENERATED)}, drawn in memory)") from None
     _bool(config, "data.random_flip")
 
     # Model: names first, then the model workstream's own field checks

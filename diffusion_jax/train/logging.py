@@ -1,79 +1,11 @@
-"""Scalars to TensorBoard and metrics.jsonl, and image grids to PNG.
+"""Old home of `diffusion_jax.train.writers` (its name shadowed the stdlib's `logging`).
 
-Only process 0 writes (`MetricWriter(..., active=jax.process_index() == 0)`).
+Kept only so existing imports (tests/test_train.py) work until they move to
+`diffusion_jax.train.writers` and `diffusion_jax.images`; new code must not import it.
 """
 
-from __future__ import annotations
+from diffusion_jax.images import tile as make_grid
+from diffusion_jax.images import to_uint8
+from diffusion_jax.train.writers import MetricWriter, save_image_grid
 
-import json
-import os
-from typing import Any
-
-import numpy as np
-from PIL import Image
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] float -> [0, 255] uint8 (round to nearest)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def make_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] image,
-    filled row by row, `pad` black pixels between tiles."""
-    n, h, w, c = images.shape
-    nrow = -(-n // ncol)
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = images[i]
-    return grid
-
-
-def save_image_grid(path: str, images: np.ndarray, ncol: int) -> np.ndarray:
-    """Writes images in [-1, 1] as a PNG grid with `ncol` columns; returns the uint8 grid."""
-    grid = make_grid(to_uint8(images), ncol)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-    return grid
-
-
-class MetricWriter:
-    """Appends {"step": s, **scalars} lines to <workdir>/metrics.jsonl and writes
-    the same scalars (prefixed "train/") and images to TensorBoard event files in
-    <workdir>/tensorboard."""
-
-    def __init__(self, workdir: str, *, active: bool = True):
-        self.active = active
-        if not active:
-            return
-        from tensorboardX import SummaryWriter
-
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        scalars = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        self._jsonl.flush()
-        for k, v in scalars.items():
-            self._tb.add_scalar(f"train/{k}", v, int(step))
-
-    def write_image(self, step: int, tag: str, grid_uint8: np.ndarray) -> None:
-        if self.active:
-            self._tb.add_image(tag, grid_uint8, int(step), dataformats="HWC")
-
-    def flush(self) -> None:
-        if self.active:
-            self._jsonl.flush()
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self.active:
-            self._jsonl.close()
-            self._tb.close()
-            self.active = False
+__all__ = ["MetricWriter", "make_grid", "save_image_grid", "to_uint8"]

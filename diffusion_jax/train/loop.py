@@ -27,10 +27,9 @@ from tqdm import tqdm
 from diffusion_jax import models, ops
 from diffusion_jax.train import checkpoints, parallel, sampling
 from diffusion_jax.train import config as config_lib
-from diffusion_jax.train.logging import MetricWriter, save_image_grid
+from diffusion_jax.train.writers import MetricWriter, save_image_grid
 from diffusion_jax.train.state import TrainState, create_train_state, make_optimizer, num_params
 from diffusion_jax.train.step import jit_train_step, make_train_step
-from diffusion_jax.train.synthetic import NAME as SYNTHETIC, SyntheticIterator
 
 
 class NonFiniteError(FloatingPointError):
@@ -39,29 +38,23 @@ class NonFiniteError(FloatingPointError):
 
 def dataset_info(config: Any) -> tuple[tuple[int, int, int], int]:
     """(image_shape, num_classes) of config.data.dataset."""
-    mc = config.model
-    if config.data.dataset == SYNTHETIC:
-        return (mc.image_size, mc.image_size, mc.in_channels), mc.num_classes
     from diffusion_jax import data
 
-    info = data.info(config.data.dataset, data_dir=config.data.data_dir or None)
+    info = data.info(config.data.dataset, data_dir=config.data.data_dir or None,
+                     geometry=data.model_geometry(config.model))
     return tuple(info.image_shape), int(info.num_classes)
 
 
 def make_train_iterator(config: Any):
     """This process's iterator over the training split (global batch size)."""
-    mc, tc = config.model, config.training
-    if config.data.dataset == SYNTHETIC:
-        return SyntheticIterator(
-            batch_size=tc.batch_size, image_shape=(mc.image_size, mc.image_size, mc.in_channels),
-            num_classes=mc.num_classes, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+    tc = config.training
     from diffusion_jax import data
 
     return data.make_iterator(
         config.data.dataset, "train", batch_size=tc.batch_size, seed=config.seed, shuffle=True,
         random_flip=config.data.random_flip, process_index=jax.process_index(),
-        process_count=jax.process_count(), data_dir=config.data.data_dir or None)
+        process_count=jax.process_count(), data_dir=config.data.data_dir or None,
+        geometry=data.model_geometry(config.model))
 
 
 def prepare(config: Any) -> None:
@@ -96,10 +89,7 @@ def train(config: Any, workdir: str, *,
     model = models.create(config.model)
     process = sampling.make_process(config)
     tx, lr_schedule = make_optimizer(tc)
-    kernels = ops.selected()
-    logging.info("convolution / normalisation kernels: %s%s", kernels,
-                 f" (native unavailable: {ops.native.reason()})"
-                 if kernels == "fast" and not ops.native.available() else "")
+    ops.prepare()  # chooses, builds (outside any trace) and logs the kernels once
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)

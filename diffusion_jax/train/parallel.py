@@ -77,8 +77,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array."""
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding under which every device holds the whole array."""
     return NamedSharding(mesh, P())
 
 
@@ -97,12 +97,18 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
     return out
 
 
-def replicate(mesh: Mesh, x: Any) -> Any:
+def replicate_array(mesh: Mesh, x: Any) -> Any:
     """A host value identical on every process -> a replicated global array (pytree-wise)."""
-    sharding = replicated(mesh)
+    sharding = replicated_sharding(mesh)
     return jax.tree.map(
         lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a)), x
     )
+
+
+# The old, easily confused names: still called by train/step.py, train/loop.py,
+# train/checkpoints.py and tests/test_train_step.py until their owners switch.
+replicated = replicated_sharding
+replicate = replicate_array
 
 
 def to_host(x: Any) -> Any:

@@ -119,7 +119,8 @@ def sample_images(config: Any, params: Any, num_images: int, labels: np.ndarray 
 def run_sample_mode(config: Any, workdir: str) -> dict[str, str]:
     """`--mode sample`: the latest EMA params draw config.sample.num_images images;
     writes samples/<name>.png (grid) and samples/<name>.npz (uint8 images, labels)."""
-    from diffusion_jax.train import checkpoints, logging as train_logging
+    from diffusion_jax import images as image_lib
+    from diffusion_jax.train import checkpoints, writers
 
     step = checkpoints.latest_step(workdir)
     params = checkpoints.restore_ema_params(config, workdir, step)
@@ -132,7 +133,7 @@ def run_sample_mode(config: Any, workdir: str) -> dict[str, str]:
     base = os.path.join(workdir, "samples", name)
     ncol = int(np.ceil(np.sqrt(num)))
     if jax.process_index() == 0:
-        train_logging.save_image_grid(base + ".png", images, ncol)
-        np.savez(base + ".npz", images=train_logging.to_uint8(images),
+        writers.save_image_grid(base + ".png", images, ncol)
+        np.savez(base + ".npz", images=image_lib.to_uint8(images),
                  labels=np.asarray([] if labels is None else labels, np.int32))
     return {"png": base + ".png", "npz": base + ".npz"}

@@ -1,0 +1,319 @@
+"""`evaluate(config, workdir)`: the parts of `config.eval` run in order, outputs under workdir/eval/.
+
+`Generator` draws images and reverse trajectories from the model; it and the
+denoising strip's timesteps are this package's only calls into
+`diffusion_jax.samplers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from diffusion_jax.evaluation import classifier, likelihood, pictures, quality
+from diffusion_jax.evaluation.report import summary_markdown
+from diffusion_jax.evaluation.settings import eval_settings
+
+
+def _log(msg: str) -> None:
+    logging.info("eval: %s", msg)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _dataset_name(config: Any) -> str:
+    return str(config.data.dataset)
+
+
+def load_split(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N,H,W,C], int32 labels [N]) of the experiment's dataset.
+
+    A generated dataset (the test-only "synthetic" one: 2,000 train / 1,000 test
+    images) is drawn from config.seed, so the whole evaluation runs in tests
+    without prepared data.
+    """
+    from diffusion_jax import data
+
+    images, labels = data.load_arrays(_dataset_name(config), split, data_dir=config.data.get("data_dir", "") or None,
+                                      geometry=data.model_geometry(config.model), seed=int(config.seed))
+    return np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+
+
+def _classifier(config: Any, workdir: str, settings: dict, train_split, test_split):
+    """(module, params, meta) of the evaluation classifier; trained first if missing."""
+    from diffusion_jax import data
+
+    name = _dataset_name(config)
+    # A generated dataset is drawn at this run's geometry, so its classifier belongs to the run.
+    default = (os.path.join(workdir, "eval", "classifier") if name in data.GENERATED
+               else os.path.join("runs", f"classifier_{name}"))
+    directory = settings["classifier_dir"] or default
+    if not os.path.exists(os.path.join(directory, classifier.META_FILE)):
+        if not settings["train_classifier"]:
+            raise FileNotFoundError(
+                f"no classifier in {directory!r} and eval.train_classifier=False; run "
+                f"`python -m diffusion_jax.evaluation.classifier --dataset {name} --workdir {directory}`")
+        _log(f"no classifier in {directory}; training one ({settings['classifier_epochs']} epochs)")
+        classifier.train_and_save(name, directory, arrays={"train": train_split, "test": test_split},
+                                  epochs=int(settings["classifier_epochs"]),
+                                  max_shift=int(settings["classifier_max_shift"]), seed=settings["seed"], log=_log)
+    model, params, meta = classifier.load(directory)
+    if tuple(meta["image_shape"]) != tuple(test_split[0].shape[1:]) or meta["dataset"] != name:
+        raise ValueError(f"classifier in {directory!r} is for {meta['dataset']} {meta['image_shape']}, "
+                         f"not {name} {list(test_split[0].shape[1:])}; set eval.classifier_dir")
+    return model, params, meta
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _model_bits(config: Any):
+    from diffusion_jax.train import sampling
+
+    schedule = sampling.make_schedule(config)
+    mc = config.model
+    shape = (int(mc.image_size), int(mc.image_size), int(mc.in_channels))
+    return schedule, shape, int(mc.num_classes), sampling.make_denoise_fn
+
+
+def _clip_x0(config: Any):
+    value = float(config.get("sample", {}).get("clip_x0", 0.0)) if config.get("sample", None) else 0.0
+    return value if value > 0 else None
+
+
+class Generator:
+    """Draws images (and reverse trajectories) from the model with any sampler setting.
+
+    One jit-compiled sampler per (method, steps, guided or not, batch), run in batches of
+    `batch_size` (the last padded); params are jit arguments, not baked-in constants.
+    """
+
+    def __init__(self, config: Any, params: Any, *, batch_size: int):
+        self.config, self.params, self.batch_size = config, params, int(batch_size)
+        self.schedule, self.shape, self.num_classes, self._make_denoise_fn = _model_bits(config)
+        self._compiled: dict = {}
+
+    def _fn(self, method: str, steps: int, guided: bool, conditional: bool, trajectory: bool, batch: int):
+        """jit-compiled run(params, labels, rng, w); w is a traced argument when guided, so every
+        guidance scale > 0 shares one compilation (w = 0 runs the conditional model alone)."""
+        key = (method, steps, guided, conditional, trajectory, batch)
+        if key not in self._compiled:
+            from diffusion_jax import samplers
+
+            config, schedule, d = self.config, self.schedule, self.config.diffusion
+            num_steps = None if steps == schedule.num_timesteps else int(steps)
+
+            def run(params, labels, rng, w):
+                denoise_fn = self._make_denoise_fn(config, params, labels if conditional else None,
+                                                   w if guided else 0.0)
+                out = samplers.sample(denoise_fn, schedule, (batch, *self.shape), rng, method=method,
+                                      num_steps=num_steps, prediction=d.prediction, variance=d.variance,
+                                      clip_x0=_clip_x0(config), return_trajectory=trajectory)
+                return jax.tree.map(lambda x: jnp.clip(x, -1.0, 1.0), out)
+
+            self._compiled[key] = jax.jit(run)
+        return self._compiled[key]
+
+    def images(self, method: str, steps: int, guidance: float, *, labels=None, num: int | None = None,
+               seed: int = 0) -> np.ndarray:
+        """float32 [N,H,W,C] in [-1, 1]; N = len(labels) (conditional) or num (unconditional)."""
+        n = len(labels) if labels is not None else int(num)
+        batch = min(self.batch_size, n)
+        fn = self._fn(method, int(steps), labels is not None and guidance != 0, labels is not None, False, batch)
+        w = jnp.float32(guidance)
+        key = jax.random.PRNGKey(seed)
+        out = []
+        for i, lo in enumerate(range(0, n, batch)):
+            valid = min(batch, n - lo)
+            lab = None if labels is None else jnp.asarray(np.resize(labels[lo:lo + valid], batch), jnp.int32)
+            out.append(np.asarray(fn(self.params, lab, jax.random.fold_in(key, i), w))[:valid])
+        return np.concatenate(out)
+
+    def trajectory(self, method: str, steps: int, guidance: float, *, labels=None, num: int,
+                   seed: int = 0) -> np.ndarray:
+        """[steps + 1, num, H, W, C]: start noise, the state before each later step, the sample."""
+        fn = self._fn(method, int(steps), labels is not None and guidance != 0, labels is not None, True, int(num))
+        lab = None if labels is None else jnp.asarray(labels, jnp.int32)
+        _, traj = fn(self.params, lab, jax.random.PRNGKey(seed), jnp.float32(guidance))
+        return np.asarray(traj)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _bpd(config, params, settings, test_images, out_dir) -> dict:
+    from diffusion_jax import models
+
+    schedule, _, num_classes, make_denoise_fn = _model_bits(config)
+    n = min(int(settings["bpd_num_images"]), len(test_images))
+    batch = min(int(settings["bpd_batch_size"]), n)
+    uncond = models.null_cond(config.model, batch) if num_classes > 0 else None
+
+    def denoise(p, x_t, t):
+        # The unconditional likelihood p(x): the null label of CFG training (Ho & Salimans 2022).
+        return make_denoise_fn(config, p, uncond, 0.0)(x_t, t)
+
+    k = int(settings["bpd_num_timesteps"]) or None
+    result = likelihood.dataset_bits_per_dim(
+        denoise, schedule, test_images[:n], jax.random.PRNGKey(settings["seed"] + 17), params=params,
+        batch_size=batch, num_timesteps=k, estimator=settings["bpd_estimator"],
+        prediction=config.diffusion.prediction,
+        variance=config.diffusion.variance, log=_log)
+    result.update(condition="null label (unconditional)" if num_classes > 0 else "unconditional",
+                  variance=config.diffusion.variance)
+    with open(os.path.join(out_dir, "bpd.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _log(f"bits/dim {result['total_bpd']:.4f} +- {result['total_bpd_stderr']:.4f} "
+         f"(N={n}, {result['estimator']}, {result['seconds']:.0f}s)")
+    return result
+
+
+def _plan(config, settings, sweep_settings, num_classes, schedule, parts) -> dict:
+    """Image x network-call counts of each part (a guided call counts twice), for budgeting."""
+    conditional = num_classes > 0
+    g = lambda w: 2 if conditional and w != 0 else 1  # noqa: E731
+    plan = {}
+    if "bpd" in parts and settings["bpd_num_images"]:
+        k = int(settings["bpd_num_timesteps"])
+        calls = schedule.num_timesteps if k == 0 else (
+            1 + len(likelihood.geometric_strata(schedule.num_timesteps, k)[0])
+            if settings["bpd_estimator"] == "stratified" else k)
+        plan["bpd"] = int(settings["bpd_num_images"]) * calls
+    if "quality" in parts:
+        plan["quality"] = sum(int(settings["num_samples"]) * r["steps"] * g(r["guidance"]) for r in sweep_settings)
+    if "pictures" in parts:
+        T = schedule.num_timesteps
+        per_class = int(settings["grid_per_class"])
+        grid_images = num_classes * per_class if conditional else per_class * per_class
+        grid_steps = min(int((config.get("sample", None) or {}).get("num_steps", 50)), T)
+        strip_steps = min(int(settings["strip_steps"]) or T, T)
+        plan["pictures"] = g(settings["guidance_scale"]) * (
+            grid_images * grid_steps + int(settings["strip_num_images"]) * strip_steps)
+    return plan
+
+
+def _valid_settings(config, settings, conditional: bool, num_timesteps: int) -> list[dict]:
+    steps = [n for n in settings["steps"] if 1 <= n <= num_timesteps]
+    if len(steps) < len(settings["steps"]):
+        _log(f"eval.steps: dropped {sorted(set(settings['steps']) - set(steps))} (> T={num_timesteps})")
+    guidance_steps = min(int(settings["guidance_steps"]), num_timesteps)
+    rows = quality.settings_from(
+        settings["samplers"], steps, settings["guidance_scale"] if conditional else 0.0,
+        settings["guidance_scales"] if conditional else (),
+        settings["guidance_sampler"] if conditional else None, guidance_steps)
+    if config.diffusion.variance != "small":
+        # Respaced ancestral sampling supports the "small" variance only (samplers.sample).
+        rows = [r for r in rows if not (r["sampler"] == "ddpm" and r["steps"] != num_timesteps)]
+    return rows
+
+
+def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
+    """Run the evaluation parts of `config.eval` on the latest EMA parameters in `workdir`
+    (or on `params`), write everything under workdir/eval/ and return the summary dict."""
+    start = time.time()
+    settings = eval_settings(config)
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    summary: dict = {"workdir": workdir, "settings": {k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in settings.items()}, "timings_s": {}}
+    if params is None:
+        from diffusion_jax.train.checkpoints import latest_step, restore_ema_params
+
+        summary["checkpoint_step"] = latest_step(workdir)
+        params = restore_ema_params(config, workdir)
+    schedule, shape, num_classes, _ = _model_bits(config)
+    conditional = num_classes > 0
+    parts = settings["parts"]
+    sweep_settings = _valid_settings(config, settings, conditional, schedule.num_timesteps)
+    plan = _plan(config, settings, sweep_settings, num_classes, schedule, parts)
+    summary["planned_image_network_calls"] = plan
+    _log("planned network evaluations (images x calls; x2 with guidance): "
+         + ", ".join(f"{k} {v:,}" for k, v in plan.items()))
+    test_split = load_split(config, "test")
+
+    if "bpd" in parts and settings["bpd_num_images"] > 0:
+        t0 = time.time()
+        summary["bpd"] = _bpd(config, params, settings, test_split[0], out_dir)
+        summary["timings_s"]["bpd"] = round(time.time() - t0, 1)
+
+    generator = Generator(config, params, batch_size=settings["batch_size"])
+    if "quality" in parts:
+        t0 = time.time()
+        train_split = load_split(config, "train")
+        model, cparams, meta = _classifier(config, workdir, settings, train_split, test_split)
+        summary["classifier"] = {k: meta[k] for k in ("dataset", "test_accuracy", "arch")}
+        apply_fn = classifier.make_apply_fn(model, cparams)
+        reference = quality.make_reference(
+            apply_fn, test_split[0], train_split[0], num_samples=settings["num_samples"],
+            num_classes=meta["num_classes"], train_labels=train_split[1] if conditional else None,
+            seed=settings["seed"],
+            kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"])
+        _log("floor (train vs test): " + quality.format_row(reference.floor))
+        rows = quality.sweep(
+            lambda m, n, w, labels, seed: generator.images(m, n, w, labels=labels, num=settings["num_samples"],
+                                                           seed=seed),
+            apply_fn, reference, sweep_settings,
+            num_samples=settings["num_samples"], conditional=conditional, seed=settings["seed"], log=_log)
+        quality.write_table(rows, reference.floor, out_dir, extra={"num_samples": settings["num_samples"]})
+        quality.plot(rows, reference.floor, os.path.join(out_dir, "quality.png"))
+        summary.update(floor=reference.floor, quality=rows)
+        summary["timings_s"]["quality"] = round(time.time() - t0, 1)
+
+    if "pictures" in parts:
+        t0 = time.time()
+        summary["pictures"] = _pictures(config, workdir, settings, generator, schedule, num_classes, out_dir)
+        summary["timings_s"]["pictures"] = round(time.time() - t0, 1)
+
+    summary["timings_s"]["total"] = round(time.time() - start, 1)
+    summary["ms_per_image_call"] = {
+        part: round(1e3 * summary["timings_s"][part] / plan[part], 3)
+        for part in plan if plan[part] and part in summary["timings_s"]}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary))
+    _log(f"done in {summary['timings_s']['total']:.0f}s; results in {out_dir}")
+    return summary
+
+
+def _pictures(config, workdir, settings, generator, schedule, num_classes, out_dir) -> dict:
+    from diffusion_jax import samplers
+
+    paths = {}
+    loss = pictures.save_loss_curve(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    if loss:
+        paths["loss_curve"] = loss
+    sample = config.get("sample", None) or {}
+    method = str(sample.get("method", "ddim"))
+    steps = min(int(sample.get("num_steps", 50)), schedule.num_timesteps)
+    w = float(settings["guidance_scale"]) if num_classes > 0 else 0.0
+    per_class = int(settings["grid_per_class"])
+    if num_classes > 0:
+        labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    else:
+        labels = None
+    images = generator.images(method, steps, w, labels=labels, num=per_class * per_class, seed=settings["seed"] + 1)
+    paths["class_grid"] = pictures.save_class_grid(
+        images, labels, os.path.join(out_dir, "samples_per_class.png"), num_classes=num_classes, per_class=per_class)
+    paths["class_grid_setting"] = f"{method}, {steps} steps, w={w:g}"
+
+    strip_steps = int(settings["strip_steps"]) or schedule.num_timesteps
+    strip_steps = min(strip_steps, schedule.num_timesteps)
+    n = int(settings["strip_num_images"])
+    strip_labels = (np.arange(n) % num_classes).astype(np.int32) if num_classes > 0 else None
+    traj = generator.trajectory(settings["strip_sampler"], strip_steps, w, labels=strip_labels, num=n,
+                                seed=settings["seed"] + 2)
+    spacing = samplers.DEFAULT_SPACING[settings["strip_sampler"]]
+    ts = samplers.make_timesteps(schedule, strip_steps, spacing)
+    paths["denoising_strip"] = pictures.save_denoising_strip(
+        traj, ts, os.path.join(out_dir, "denoising_strip.png"), num_columns=int(settings["strip_columns"]))
+    paths["strip_setting"] = f"{settings['strip_sampler']}, {strip_steps} steps, w={w:g}"
+    return paths

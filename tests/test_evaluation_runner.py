@@ -1,0 +1,60 @@
+"""diffusion_jax.evaluation.runner: evaluate() end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.evaluation import classifier
+from evaluation_support import TINY_ARCH
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_on_the_smoke_config(tmp_path):
+    """evaluate() on the smoke experiment (8x8 synthetic data) with untrained parameters:
+    every output file appears and the numbers are finite."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import smoke
+
+    from diffusion_jax import evaluation, models
+
+    config = smoke.get_config()
+    workdir = str(tmp_path)
+    # A pre-trained tiny classifier keeps the test fast (evaluate would train the default one).
+    classifier.train_and_save("synthetic", os.path.join(workdir, "clf"), epochs=1, batch_size=100,
+                              arch=TINY_ARCH, log=None,
+                              arrays={s: evaluation.load_split(config, s) for s in ("train", "test")})
+    with config.unlocked():
+        config.eval.update(dict(
+            num_samples=24, batch_size=24, samplers=("ddim",), steps=(3,), guidance_scales=(0.0,),
+            guidance_sampler="ddim", guidance_steps=3, kid_subsets=2, bpd_num_images=10,
+            bpd_num_timesteps=2, bpd_batch_size=10, classifier_dir=os.path.join(workdir, "clf"),
+            grid_per_class=8, strip_num_images=2, strip_sampler="ddim", strip_steps=3))
+        config.sample.method, config.sample.num_steps = "ddim", 3
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 20))
+    model = models.create(config.model)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1,), jnp.int32))["params"]
+    summary = evaluation.evaluate(config, workdir, params=params)
+    out = os.path.join(workdir, "eval")
+    expected = {"bpd.json", "quality.md", "quality.json", "summary.json", "summary.md",
+                "samples_per_class.png", "denoising_strip.png"}
+    if pytest.importorskip("matplotlib"):
+        expected |= {"quality.png", "loss.png"}
+    assert expected <= set(os.listdir(out))
+    assert np.isfinite(summary["bpd"]["total_bpd"]) and summary["bpd"]["calls_per_image"] == 3
+    rows = summary["quality"]
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [("ddim", 3, 2.0), ("ddim", 3, 0.0)]
+    assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="eval.samplers"):
+        with config.unlocked():
+            config.eval.samplers = ("euler",)
+        evaluation.eval_settings(config)
