@@ -406,6 +406,11 @@ class Ancestral(Sampler):
     name: ClassVar[str] = "ddpm"
     default_grid: ClassVar[str] = "cosine"
 
+    def times(self, process) -> np.ndarray:
+        if process.discrete and self.num_steps == process.num_timesteps:
+            return np.arange(process.t_max, -2, -1, dtype=np.int32)  # the full chain
+        return super().times(process)
+
     def _run(self, denoise, process, x, key, ts, keep):
         if key is None:
             raise ValueError("ddpm sampling needs a PRNG key")

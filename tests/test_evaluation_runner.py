@@ -53,8 +53,27 @@ def test_evaluate_end_to_end_on_the_smoke_config(tmp_path):
     assert np.isfinite(summary["bpd"]["total_bpd"]) and summary["bpd"]["calls_per_image"] == 3
     rows = summary["quality"]
     assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [("ddim", 3, 2.0), ("ddim", 3, 0.0)]
+    assert [(r["sampler_steps"], r["nfe"]) for r in rows] == [(3, 3), (3, 3)]  # DDIM: one call a step
     assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="eval.samplers"):
         with config.unlocked():
-            config.eval.samplers = ("euler",)
+            config.eval.samplers = ("rk45",)
         evaluation.eval_settings(config)
+
+
+def test_sweep_rows_hold_samplers_to_equal_network_evaluations():
+    """An NFE budget gives Heun (2N - 1 calls) and the EDM sampler fewer steps than DDIM."""
+    from diffusion_jax.evaluation import runner
+    from diffusion_jax.evaluation.settings import eval_settings
+    from experiments import smoke
+
+    config = smoke.get_config()
+    with config.unlocked():
+        config.eval.update(samplers=("ddim", "heun", "edm_sde", "dpm_solver_pp_3m"), steps=(9, 20),
+                           guidance_scales=())
+    gen = runner.Generator(config, params=None, batch_size=4)
+    rows = runner._valid_settings(config, eval_settings(config), False, gen)
+    got = {(r["sampler"], r["steps"]): (r["sampler_steps"], r["nfe"]) for r in rows}
+    assert got == {("ddim", 9): (9, 9), ("ddim", 20): (20, 20), ("heun", 9): (5, 9), ("heun", 20): (10, 19),
+                   ("edm_sde", 9): (5, 9), ("edm_sde", 20): (10, 19), ("dpm_solver_pp_3m", 9): (9, 9),
+                   ("dpm_solver_pp_3m", 20): (20, 20)}

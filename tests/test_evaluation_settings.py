@@ -41,7 +41,7 @@ def test_defaults_resolve_from_the_rest_of_the_config():
 
 @pytest.mark.parametrize("field, value, match", [
     ("parts", ("bpd", "fid"), "eval.parts"),
-    ("samplers", ("euler",), "eval.samplers"),
+    ("samplers", ("rk45",), "eval.samplers"),
     ("bpd_estimator", "importance", "eval.bpd_estimator"),
     ("num_samples", 1, "eval.num_samples"),
     ("strip_steps", -1, "eval.strip_steps"),

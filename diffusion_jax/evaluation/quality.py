@@ -31,7 +31,9 @@ from diffusion_jax.images import to_uint8 as quantize
 # (name in the result dict, column header, format)
 COLUMNS = (
     ("sampler", "sampler", "{}"),
-    ("steps", "steps", "{}"),
+    ("steps", "NFE budget", "{}"),
+    ("sampler_steps", "steps", "{}"),
+    ("nfe", "NFE", "{}"),
     ("guidance", "guidance w", "{:g}"),
     ("fd", "classifier FD", "{:.3f}"),
     ("kid", "KID x1e3", "{:.3f}"),
@@ -119,7 +121,8 @@ def settings_from(samplers: Sequence[str], steps: Sequence[int], guidance_scale:
 def sweep(generate: Callable, apply_fn: Callable, reference: Reference, settings: Sequence[dict],
           *, num_samples: int, conditional: bool, seed: int = 0,
           log: Callable[[str], None] | None = None) -> list[dict]:
-    """Score `num_samples` images from `generate(sampler, steps, guidance, labels, seed)` per setting.
+    """Score `num_samples` images from `generate(sampler, steps, guidance, labels, seed)` per
+    setting (`steps`: the setting's NFE budget).
 
     Conditional models get balanced labels (i mod num_classes); every setting uses the
     same seed, so rows differ only in sampler, steps and guidance.
@@ -147,7 +150,7 @@ def markdown_table(rows: Sequence[dict], floor: dict) -> str:
     keys = [c for c in COLUMNS if any(c[0] in r for r in rows) or c[0] in floor]
     lines = ["| " + " | ".join(head for _, head, _ in keys) + " |",
              "|" + "---|" * len(keys)]
-    floor_row = dict(floor, sampler="floor: train vs test", steps="-", guidance="-")
+    floor_row = dict(floor, sampler="floor: train vs test", steps="-", sampler_steps="-", nfe="-", guidance="-")
     for row in [floor_row, *rows]:
         cells = []
         for key, _, fmt in keys:

@@ -78,56 +78,62 @@ def _classifier(config: Any, workdir: str, settings: dict, train_split, test_spl
 def _model_bits(config: Any):
     from diffusion_jax.train import sampling
 
-    schedule = sampling.make_schedule(config)
+    process = sampling.make_process(config)
     mc = config.model
     shape = (int(mc.image_size), int(mc.image_size), int(mc.in_channels))
-    return schedule, shape, int(mc.num_classes), sampling.make_denoise_fn
+    return process, shape, int(mc.num_classes)
 
 
-def _clip_x0(config: Any):
-    value = float(config.get("sample", {}).get("clip_x0", 0.0)) if config.get("sample", None) else 0.0
-    return value if value > 0 else None
+def sampler_for(config: Any, process: Any, method: str, nfe: int):
+    """config.sample's settings for `method`, with the most steps whose network evaluations
+    per image fit in `nfe` (`Sampler.with_nfe`); for ddpm, nfe = T is the full chain."""
+    from diffusion_jax import samplers
+
+    fields = dict(config.sample.to_dict() if hasattr(config.sample, "to_dict") else config.sample)
+    return samplers.from_config({**fields, "method": method}).with_nfe(process, nfe)
 
 
 class Generator:
-    """Draws images (and reverse trajectories) from the model with any sampler setting.
+    """Draws images (and reverse trajectories) from the model with any sampler at an NFE budget.
 
-    One jit-compiled sampler per (method, steps, guided or not, batch), run in batches of
+    One jit-compiled sampler per (method, nfe, guided or not, batch), run in batches of
     `batch_size` (the last padded); params are jit arguments, not baked-in constants.
     """
 
     def __init__(self, config: Any, params: Any, *, batch_size: int):
         self.config, self.params, self.batch_size = config, params, int(batch_size)
-        self.schedule, self.shape, self.num_classes, self._make_denoise_fn = _model_bits(config)
+        self.process, self.shape, self.num_classes = _model_bits(config)
         self._compiled: dict = {}
 
-    def _fn(self, method: str, steps: int, guided: bool, conditional: bool, trajectory: bool, batch: int):
+    def sampler(self, method: str, nfe: int):
+        return sampler_for(self.config, self.process, method, int(nfe))
+
+    def _fn(self, method: str, nfe: int, guided: bool, conditional: bool, trajectory: bool, batch: int):
         """jit-compiled run(params, labels, rng, w); w is a traced argument when guided, so every
         guidance scale > 0 shares one compilation (w = 0 runs the conditional model alone)."""
-        key = (method, steps, guided, conditional, trajectory, batch)
+        key = (method, nfe, guided, conditional, trajectory, batch)
         if key not in self._compiled:
             from diffusion_jax import samplers
+            from diffusion_jax.train import sampling
 
-            config, schedule, d = self.config, self.schedule, self.config.diffusion
-            num_steps = None if steps == schedule.num_timesteps else int(steps)
+            config, process, sampler = self.config, self.process, self.sampler(method, nfe)
 
             def run(params, labels, rng, w):
-                denoise_fn = self._make_denoise_fn(config, params, labels if conditional else None,
-                                                   w if guided else 0.0)
-                out = samplers.sample(denoise_fn, schedule, (batch, *self.shape), rng, method=method,
-                                      num_steps=num_steps, prediction=d.prediction, variance=d.variance,
-                                      clip_x0=_clip_x0(config), return_trajectory=trajectory)
+                denoise = sampling.make_denoiser(config, params, labels if conditional else None,
+                                                 w if guided else 0.0, process)
+                out = samplers.draw(sampler, denoise, process, (batch, *self.shape), rng,
+                                    return_trajectory=trajectory)
                 return jax.tree.map(lambda x: jnp.clip(x, -1.0, 1.0), out)
 
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]
 
-    def images(self, method: str, steps: int, guidance: float, *, labels=None, num: int | None = None,
+    def images(self, method: str, nfe: int, guidance: float, *, labels=None, num: int | None = None,
                seed: int = 0) -> np.ndarray:
         """float32 [N,H,W,C] in [-1, 1]; N = len(labels) (conditional) or num (unconditional)."""
         n = len(labels) if labels is not None else int(num)
         batch = min(self.batch_size, n)
-        fn = self._fn(method, int(steps), labels is not None and guidance != 0, labels is not None, False, batch)
+        fn = self._fn(method, int(nfe), labels is not None and guidance != 0, labels is not None, False, batch)
         w = jnp.float32(guidance)
         key = jax.random.PRNGKey(seed)
         out = []
@@ -137,10 +143,10 @@ class Generator:
             out.append(np.asarray(fn(self.params, lab, jax.random.fold_in(key, i), w))[:valid])
         return np.concatenate(out)
 
-    def trajectory(self, method: str, steps: int, guidance: float, *, labels=None, num: int,
+    def trajectory(self, method: str, nfe: int, guidance: float, *, labels=None, num: int,
                    seed: int = 0) -> np.ndarray:
-        """[steps + 1, num, H, W, C]: start noise, the state before each later step, the sample."""
-        fn = self._fn(method, int(steps), labels is not None and guidance != 0, labels is not None, True, int(num))
+        """[steps + 1, num, H, W, C]: start noise, the state after each step, the sample."""
+        fn = self._fn(method, int(nfe), labels is not None and guidance != 0, labels is not None, True, int(num))
         lab = None if labels is None else jnp.asarray(labels, jnp.int32)
         _, traj = fn(self.params, lab, jax.random.PRNGKey(seed), jnp.float32(guidance))
         return np.asarray(traj)
@@ -152,7 +158,14 @@ class Generator:
 def _bpd(config, params, settings, test_images, out_dir) -> dict:
     from diffusion_jax import models
 
-    schedule, _, num_classes, make_denoise_fn = _model_bits(config)
+    from diffusion_jax.train import sampling
+
+    process, _, num_classes = _model_bits(config)
+    if not process.discrete:
+        _log(f"bits/dim: the variational bound is implemented for process 'ddpm'; "
+             f"skipped for {process.name!r}")
+        return None
+    schedule, make_denoise_fn = process.schedule, sampling.make_denoise_fn
     n = min(int(settings["bpd_num_images"]), len(test_images))
     batch = min(int(settings["bpd_batch_size"]), n)
     uncond = models.null_cond(config.model, batch) if num_classes > 0 else None
@@ -176,42 +189,63 @@ def _bpd(config, params, settings, test_images, out_dir) -> dict:
     return result
 
 
-def _plan(config, settings, sweep_settings, num_classes, schedule, parts) -> dict:
-    """Image x network-call counts of each part (a guided call counts twice), for budgeting."""
-    conditional = num_classes > 0
+def _plan(config, settings, sweep_settings, num_classes, generator, parts) -> dict:
+    """Image x network-call counts of each part (a guided call counts twice), for budgeting;
+    the samplers count their own calls (`Sampler.nfe`)."""
+    conditional, process = num_classes > 0, generator.process
     g = lambda w: 2 if conditional and w != 0 else 1  # noqa: E731
     plan = {}
-    if "bpd" in parts and settings["bpd_num_images"]:
-        k = int(settings["bpd_num_timesteps"])
-        calls = schedule.num_timesteps if k == 0 else (
-            1 + len(likelihood.geometric_strata(schedule.num_timesteps, k)[0])
-            if settings["bpd_estimator"] == "stratified" else k)
+    if "bpd" in parts and settings["bpd_num_images"] and process.discrete:
+        k, T = int(settings["bpd_num_timesteps"]), process.num_timesteps
+        calls = T if k == 0 else (
+            1 + len(likelihood.geometric_strata(T, k)[0]) if settings["bpd_estimator"] == "stratified" else k)
         plan["bpd"] = int(settings["bpd_num_images"]) * calls
     if "quality" in parts:
-        plan["quality"] = sum(int(settings["num_samples"]) * r["steps"] * g(r["guidance"]) for r in sweep_settings)
+        plan["quality"] = sum(int(settings["num_samples"]) * r["nfe"] * g(r["guidance"]) for r in sweep_settings)
     if "pictures" in parts:
-        T = schedule.num_timesteps
         per_class = int(settings["grid_per_class"])
         grid_images = num_classes * per_class if conditional else per_class * per_class
-        grid_steps = min(int((config.get("sample", None) or {}).get("num_steps", 50)), T)
-        strip_steps = min(int(settings["strip_steps"]) or T, T)
+        grid = generator.sampler(*_grid_setting(config, process)).nfe(process)
+        strip = generator.sampler(settings["strip_sampler"], _strip_nfe(config, settings, process)).nfe(process)
         plan["pictures"] = g(settings["guidance_scale"]) * (
-            grid_images * grid_steps + int(settings["strip_num_images"]) * strip_steps)
+            grid_images * grid + int(settings["strip_num_images"]) * strip)
     return plan
 
 
-def _valid_settings(config, settings, conditional: bool, num_timesteps: int) -> list[dict]:
-    steps = [n for n in settings["steps"] if 1 <= n <= num_timesteps]
+def _grid_setting(config, process) -> tuple[str, int]:
+    """(method, nfe) of config.sample, the setting of the training grids."""
+    from diffusion_jax.train import sampling
+
+    return str(config.sample.method), sampling.make_sampler(config).nfe(process)
+
+
+def _strip_nfe(config, settings, process) -> int:
+    """eval.strip_steps as an NFE budget; 0 = all T (ddpm) or config.sample's setting."""
+    budget = int(settings["strip_steps"])
+    if process.discrete:
+        return min(budget or process.num_timesteps, process.num_timesteps)
+    return budget or _grid_setting(config, process)[1]
+
+
+def _valid_settings(config, settings, conditional: bool, generator) -> list[dict]:
+    """The sweep rows: every sampler at each NFE budget of eval.steps (its "steps" label), with
+    the sampler steps that fit ("sampler_steps") and the network calls they make ("nfe")."""
+    process = generator.process
+    limit = process.num_timesteps if process.discrete else float("inf")
+    steps = [n for n in settings["steps"] if 1 <= n <= limit]
     if len(steps) < len(settings["steps"]):
-        _log(f"eval.steps: dropped {sorted(set(settings['steps']) - set(steps))} (> T={num_timesteps})")
-    guidance_steps = min(int(settings["guidance_steps"]), num_timesteps)
+        _log(f"eval.steps: dropped {sorted(set(settings['steps']) - set(steps))} (> T={limit})")
+    guidance_steps = int(min(int(settings["guidance_steps"]), limit))
     rows = quality.settings_from(
         settings["samplers"], steps, settings["guidance_scale"] if conditional else 0.0,
         settings["guidance_scales"] if conditional else (),
         settings["guidance_sampler"] if conditional else None, guidance_steps)
-    if config.diffusion.variance != "small":
-        # Respaced ancestral sampling supports the "small" variance only (samplers.sample).
-        rows = [r for r in rows if not (r["sampler"] == "ddpm" and r["steps"] != num_timesteps)]
+    if process.discrete and process.variance != "small":
+        # Respaced ancestral sampling supports the "small" variance only (samplers.Ancestral).
+        rows = [r for r in rows if not (r["sampler"] == "ddpm" and r["steps"] != limit)]
+    for r in rows:
+        sampler = generator.sampler(r["sampler"], r["steps"])
+        r.update(sampler_steps=sampler.num_steps, nfe=sampler.nfe(process))
     return rows
 
 
@@ -229,11 +263,12 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
 
         summary["checkpoint_step"] = latest_step(workdir)
         params = restore_ema_params(config, workdir)
-    schedule, shape, num_classes, _ = _model_bits(config)
+    generator = Generator(config, params, batch_size=settings["batch_size"])
+    num_classes = generator.num_classes
     conditional = num_classes > 0
     parts = settings["parts"]
-    sweep_settings = _valid_settings(config, settings, conditional, schedule.num_timesteps)
-    plan = _plan(config, settings, sweep_settings, num_classes, schedule, parts)
+    sweep_settings = _valid_settings(config, settings, conditional, generator)
+    plan = _plan(config, settings, sweep_settings, num_classes, generator, parts)
     summary["planned_image_network_calls"] = plan
     _log("planned network evaluations (images x calls; x2 with guidance): "
          + ", ".join(f"{k} {v:,}" for k, v in plan.items()))
@@ -241,10 +276,11 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
 
     if "bpd" in parts and settings["bpd_num_images"] > 0:
         t0 = time.time()
-        summary["bpd"] = _bpd(config, params, settings, test_split[0], out_dir)
-        summary["timings_s"]["bpd"] = round(time.time() - t0, 1)
+        bpd = _bpd(config, params, settings, test_split[0], out_dir)
+        if bpd is not None:
+            summary["bpd"] = bpd
+            summary["timings_s"]["bpd"] = round(time.time() - t0, 1)
 
-    generator = Generator(config, params, batch_size=settings["batch_size"])
     if "quality" in parts:
         t0 = time.time()
         train_split = load_split(config, "train")
@@ -269,7 +305,7 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
 
     if "pictures" in parts:
         t0 = time.time()
-        summary["pictures"] = _pictures(config, workdir, settings, generator, schedule, num_classes, out_dir)
+        summary["pictures"] = _pictures(config, workdir, settings, generator, num_classes, out_dir)
         summary["timings_s"]["pictures"] = round(time.time() - t0, 1)
 
     summary["timings_s"]["total"] = round(time.time() - start, 1)
@@ -284,36 +320,31 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
     return summary
 
 
-def _pictures(config, workdir, settings, generator, schedule, num_classes, out_dir) -> dict:
-    from diffusion_jax import samplers
-
+def _pictures(config, workdir, settings, generator, num_classes, out_dir) -> dict:
     paths = {}
     loss = pictures.save_loss_curve(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
     if loss:
         paths["loss_curve"] = loss
-    sample = config.get("sample", None) or {}
-    method = str(sample.get("method", "ddim"))
-    steps = min(int(sample.get("num_steps", 50)), schedule.num_timesteps)
+    process = generator.process
+    method, nfe = _grid_setting(config, process)
     w = float(settings["guidance_scale"]) if num_classes > 0 else 0.0
     per_class = int(settings["grid_per_class"])
     if num_classes > 0:
         labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
     else:
         labels = None
-    images = generator.images(method, steps, w, labels=labels, num=per_class * per_class, seed=settings["seed"] + 1)
+    images = generator.images(method, nfe, w, labels=labels, num=per_class * per_class, seed=settings["seed"] + 1)
     paths["class_grid"] = pictures.save_class_grid(
         images, labels, os.path.join(out_dir, "samples_per_class.png"), num_classes=num_classes, per_class=per_class)
-    paths["class_grid_setting"] = f"{method}, {steps} steps, w={w:g}"
+    paths["class_grid_setting"] = f"{method}, {nfe} NFE, w={w:g}"
 
-    strip_steps = int(settings["strip_steps"]) or schedule.num_timesteps
-    strip_steps = min(strip_steps, schedule.num_timesteps)
+    strip = generator.sampler(settings["strip_sampler"], _strip_nfe(config, settings, process))
     n = int(settings["strip_num_images"])
     strip_labels = (np.arange(n) % num_classes).astype(np.int32) if num_classes > 0 else None
-    traj = generator.trajectory(settings["strip_sampler"], strip_steps, w, labels=strip_labels, num=n,
+    traj = generator.trajectory(strip.name, strip.nfe(process), w, labels=strip_labels, num=n,
                                 seed=settings["seed"] + 2)
-    spacing = samplers.DEFAULT_SPACING[settings["strip_sampler"]]
-    ts = samplers.make_timesteps(schedule, strip_steps, spacing)
     paths["denoising_strip"] = pictures.save_denoising_strip(
-        traj, ts, os.path.join(out_dir, "denoising_strip.png"), num_columns=int(settings["strip_columns"]))
-    paths["strip_setting"] = f"{settings['strip_sampler']}, {strip_steps} steps, w={w:g}"
+        traj, strip.times(process)[:-1], os.path.join(out_dir, "denoising_strip.png"),
+        num_columns=int(settings["strip_columns"]))
+    paths["strip_setting"] = f"{strip.name}, {strip.num_steps} steps ({strip.nfe(process)} NFE), w={w:g}"
     return paths

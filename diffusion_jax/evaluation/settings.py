@@ -16,12 +16,14 @@ EVAL_DEFAULTS = {
     "seed": None,  # int; None or -1 = config.seed
     "num_samples": 500,  # generated images per sweep setting (and train images for the floor)
     "batch_size": 500,  # images per sampler call
-    "samplers": ("ddpm", "ddim", "dpm_solver_pp"),  # names in samplers.METHODS
-    "steps": (10, 20),  # sampler steps, each in [1, T]; T = the full chain
+    "samplers": ("ddpm", "ddim", "dpm_solver_pp"),  # names in samplers.NAMES
+    # NFE budgets (network evaluations per image; ddpm: <= T, T = the full chain): each sampler
+    # runs the most steps that fit, so rows compare samplers (and runs of other processes) at equal NFE
+    "steps": (10, 20),
     "guidance_scale": None,  # w of the steps sweep; None or -1 = config.sample.guidance_scale
     "guidance_scales": (0.0, 1.0, 2.0, 4.0),  # w values swept (conditional models only) ...
     "guidance_sampler": None,  # ... with this sampler (None or "" = config.sample.method) ...
-    "guidance_steps": 20,  # ... and this many steps
+    "guidance_steps": 20,  # ... and this NFE budget
     "kid_subsets": 20,  # KID: number of random subsets
     "kid_subset_size": 1000,  # KID: images per subset (capped at the sample count)
     "bpd_num_images": 500,  # test images for bits/dim; 0 = skip
@@ -35,7 +37,7 @@ EVAL_DEFAULTS = {
     "grid_per_class": 8,  # images per class row in samples_per_class.png
     "strip_num_images": 6,  # rows of denoising_strip.png
     "strip_sampler": "ddpm",  # sampler of the strip
-    "strip_steps": 0,  # its steps; 0 = all T
+    "strip_steps": 0,  # its NFE budget; 0 = all T (ddpm) or config.sample's setting
     "strip_columns": 10,  # x_t snapshots per row
 }
 
@@ -67,14 +69,14 @@ def eval_settings(config: Any) -> dict:
     if unknown:
         raise ValueError(f"eval.parts: unknown {unknown}; allowed: {PARTS}")
     for field in ("samplers",):
-        bad = [m for m in s[field] if m not in samplers.METHODS]
+        bad = [m for m in s[field] if m not in samplers.NAMES]
         if bad:
-            raise ValueError(f"eval.{field}: unknown {bad}; allowed: {samplers.METHODS}")
+            raise ValueError(f"eval.{field}: unknown {bad}; allowed: {samplers.NAMES}")
     if s["bpd_estimator"] not in likelihood.ESTIMATORS:
         raise ValueError(f"eval.bpd_estimator={s['bpd_estimator']!r}; allowed: {likelihood.ESTIMATORS}")
     for field in ("guidance_sampler", "strip_sampler"):
-        if s[field] not in samplers.METHODS:
-            raise ValueError(f"eval.{field}={s[field]!r}; allowed: {samplers.METHODS}")
+        if s[field] not in samplers.NAMES:
+            raise ValueError(f"eval.{field}={s[field]!r}; allowed: {samplers.NAMES}")
     for field in ("num_samples", "batch_size", "bpd_batch_size", "kid_subsets", "kid_subset_size",
                   "grid_per_class", "strip_num_images", "strip_columns", "classifier_epochs"):
         if int(s[field]) < 1:
