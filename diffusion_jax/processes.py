@@ -365,7 +365,10 @@ class Flow:
             return t / (1.0 - t)
 
     def t_of_sigma(self, sigma):
-        return sigma / (1.0 + sigma)
+        """t = sigma / (1 + sigma), written so that sigma = inf gives t = 1."""
+        sigma = np.asarray(sigma, np.float64)
+        with np.errstate(divide="ignore"):
+            return 1.0 / (1.0 + 1.0 / sigma)
 
     def sigma_range(self):
         return self.sigma_min, self.sigma_max

@@ -129,10 +129,14 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
       order 1: D = x0;
       order 2 (2M, Algorithm 2): D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h;
       order 3 (3M): with r0 = h_prev / h, r1 = h_prev2 / h, D1_0 = (x0 - x0_prev) / r0,
-        D1_1 = (x0_prev - x0_prev2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
-        D2 = (D1_0 - D1_1) / (r0 + r1):
+        D1_1 = (x0_prev - x0_prev2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h x0',
+        D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2:
         x_next = (s_next / s) x - a_next (e^-h - 1) x0 + a_next ((e^-h - 1) / h + 1) D1
-                 - a_next ((e^-h - 1 + h) / h^2 - 1/2) D2.
+                 - 2 a_next ((e^-h - 1 + h) / h^2 - 1/2) D2,
+        the Taylor terms of x_next = (s_next / s) x + s_next int e^lambda x0(lambda) d lambda
+        (exact when x0 is quadratic in lambda; tests/test_samplers.py). diffusers' scheduler
+        writes the D2 term without the factor 2, which leaves its update third order locally
+        (like 2M's) instead of fourth.
 
     history: ((x0_prev, a_prev, s_prev), (x0_prev2, a_prev2, s_prev2)) as far as needed, each
     with a `use` mask through `order`. Into clean data (s_next = 0, h = inf) the update is
@@ -163,7 +167,7 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
     d2 = (d1_0 - d1_1) / (r0 + r1)
     em1 = jnp.expm1(-h)
     third_order = (ratio * x - a_next * em1 * x0 + a_next * (em1 / h + 1.0) * d1
-                   - a_next * ((em1 + h) / (h * h) - 0.5) * d2)
+                   - 2.0 * a_next * ((em1 + h) / (h * h) - 0.5) * d2)
     second_order = ratio * x + phi * (x0 + c * (x0 - x0_p))
     return jnp.where(third, third_order, second_order)
 
