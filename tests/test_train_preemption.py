@@ -24,7 +24,7 @@ SMOKE = os.path.join(REPO, "experiments", "smoke.py")
 # The signal is sent to this process from the step callback of that step (on process 0 only);
 # prints "DONE <step the returned state is at>" and dumps the params to params_<process>.npz.
 DRIVER = r'''
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, REPO)
 import jax, numpy as np
 from absl import flags, logging
@@ -33,14 +33,33 @@ from diffusion_jax.train import loop, parallel
 
 config_flags.DEFINE_config_file("config", SMOKE)
 workdir, sig, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+hook = os.environ.get("DRIVER_HOOK", "")
 flags.FLAGS([sys.argv[0]] + sys.argv[4:])
 logging.set_verbosity(logging.INFO)
 
 def send(step, state):
+    print(f"STEP {step}", flush=True)
+    if hook == "failing_save_of_step_3" and step == 3:
+        time.sleep(3)  # a long step: the failing commit of checkpoint 3 is over before step 4
     if sig != "none" and step == at and jax.process_index() == 0:
         os.kill(os.getpid(), getattr(signal, sig))
 
-state = loop.train(flags.FLAGS.config, workdir, step_callback=send)
+if hook == "failing_save_of_step_3":  # the background commit of checkpoint 3 fails
+    import orbax.checkpoint as ocp
+    save = ocp.StandardCheckpointHandler.async_save
+    class FailingCommit:
+        def result(self, timeout=None):
+            raise OSError("disk full (simulated)")
+    async def failing(self, directory, *args, **kwargs):
+        futures = await save(self, directory, *args, **kwargs)
+        bad = os.path.basename(os.path.dirname(str(directory))).startswith("3.")
+        return [*(futures or []), FailingCommit()] if bad else futures
+    ocp.StandardCheckpointHandler.async_save = failing
+try:
+    state = loop.train(flags.FLAGS.config, workdir, step_callback=send)
+except loop.checkpoints.CheckpointSaveError as e:
+    print("ERROR " + type(e).__name__ + " " + str(e), flush=True)
+    sys.exit(0)
 step = int(parallel.to_host(state.step))
 flat = {jax.tree_util.keystr(k): v for k, v in
         jax.tree_util.tree_leaves_with_path(parallel.to_host(state.params))}
@@ -71,10 +90,12 @@ def driver(tmp_path_factory):
     return str(path)
 
 
-def run(driver, env, workdir, sig="none", at=0, *flags):
-    proc = subprocess.run([sys.executable, driver, workdir, sig, str(at), *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run(driver, env, workdir, sig="none", at=0, *flags, hook=""):
+    proc = subprocess.run([sys.executable, driver, workdir, sig, str(at), *flags], cwd=REPO,
+                          env=dict(env, DRIVER_HOOK=hook), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if hook:
+        return proc.stdout
     (done,) = [int(l.split()[1]) for l in proc.stdout.splitlines() if l.startswith("DONE ")]
     return done, proc.stderr
 
@@ -137,6 +158,17 @@ def test_changed_config_stops_the_resume_before_any_work(driver, env, tmp_path):
     assert ("diffusion.prediction: checkpoint 'eps' vs config 'v'" in proc.stderr
             and "--allow_config_change" in proc.stderr)
     assert steps(workdir) == [1]
+
+
+def test_failed_background_save_stops_the_run_at_the_next_step(driver, env, tmp_path):
+    workdir = str(tmp_path / "run")
+    out = run(driver, env, workdir, hook="failing_save_of_step_3").splitlines()
+    (error,) = [l for l in out if l.startswith("ERROR ")]
+    assert error.startswith("ERROR CheckpointSaveError saving checkpoint 3 in ")
+    assert "failed (OSError: disk full (simulated))" in error
+    # raised during step 4 (its callback never ran), not at the next save (step 6)
+    assert [l for l in out if l.startswith("STEP ")][-1] == "STEP 3"
+    assert steps(workdir) == []
 
 
 def _free_port():

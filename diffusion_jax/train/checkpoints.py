@@ -240,8 +240,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, config: Any) -> None:
         """Starts an asynchronous save of `state` (must be finite: the loop checks).
 
-        Any error of the previous save is raised first (see `check_for_errors`)."""
-        self.check_for_errors()
+        Waits for the previous save first (as Orbax would) and raises its
+        error, if it failed, as CheckpointSaveError."""
+        self._finish_previous()
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -254,11 +255,7 @@ class Checkpointer:
         )
         self._saving = step
 
-    def check_for_errors(self) -> None:
-        """CheckpointSaveError if the last save started has finished and failed
-        (cheap: it looks only once that save is no longer in progress)."""
-        if self._saving is None or self.manager.is_saving_in_progress():
-            return
+    def _finish_previous(self) -> None:
         step, self._saving = self._saving, None
         try:
             self.manager.wait_until_finished()
@@ -266,6 +263,12 @@ class Checkpointer:
             raise CheckpointSaveError(
                 f"saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: {e}); "
                 f"the last complete checkpoint is step {self.latest_step()}") from e
+
+    def check_for_errors(self) -> None:
+        """CheckpointSaveError if the last save started has finished and failed
+        (cheap, never waits: it looks only once that save is no longer in progress)."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self._finish_previous()
 
     def saved_config(self, step: int) -> dict:
         """The config stored with `step` ({"model": ...} for checkpoints of older versions)."""
@@ -360,8 +363,8 @@ class Checkpointer:
             partial_restore=True))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self._saving = None
+        """Until the last save is committed; CheckpointSaveError if it failed."""
+        self._finish_previous()
 
     def close(self) -> None:
         try:
