@@ -181,3 +181,38 @@ def test_checkpoint_of_an_older_version_compares_the_model_only(tmp_path):
     config.model.ch = 16
     with pytest.raises(ValueError, match=r"model\.ch: checkpoint 8 vs config 16"):
         _resume(tmp_path, config)
+
+
+def test_launch_stops_on_a_changed_optimizer_and_resumes_with_the_flag(tmp_path):
+    """End to end through launch.py: without the flag one line names the fields; with
+    --allow_config_change the run continues (parameters kept, the new optimiser's state fresh)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    workdir = str(tmp_path / "run")
+    base = [sys.executable, "launch.py", "--config", os.path.join(REPO, "experiments", "smoke.py"),
+            "--workdir", workdir, "--config.training.checkpoint_every_steps=2"]
+
+    def launch(*flags):
+        return subprocess.run([*base, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    first = launch("--config.training.num_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    changed = ("--config.training.num_steps=4", "--config.training.optimizer=adamw",
+               "--config.training.grad_clip_norm=0.0")
+    refused = launch(*changed)
+    assert refused.returncode != 0
+    (line,) = [l for l in refused.stderr.splitlines() if "was written by a different config" in l]
+    assert ("training.grad_clip_norm: checkpoint 1.0 vs config 0.0; "
+            "training.optimizer: checkpoint 'adam' vs config 'adamw'") in line and "--allow_config_change" in line
+    allowed = launch(*changed, "--allow_config_change")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "optimiser state of checkpoint 2 does not fit" in allowed.stderr
+    starts = [json.loads(l) for l in open(os.path.join(workdir, "restarts.jsonl"))]
+    assert [s["resumed_from"] for s in starts] == [None, 2] and starts[1]["optimizer_state_reset"]
+    assert len(starts[1]["config_changes"]) == 2
+    assert [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
