@@ -114,7 +114,9 @@ def train(config: Any, workdir: str, *,
             lock.release()
 
 
-def _resume(config, workdir, ckpt, init, init_key, tx, repl, allow_config_change) -> TrainState:
+def _resume(config, workdir, ckpt, init, init_key, tx, repl,
+            allow_config_change) -> tuple[TrainState, dict | None]:
+    """(state, data-iterator state or None): the checkpoint's, or a fresh state; records the start."""
     abstract = checkpoints.abstract_like(jax.eval_shape(init, init_key), repl)
     restored = ckpt.resume(abstract, config=config, allow_config_change=allow_config_change)
     primary = jax.process_index() == 0
