@@ -17,6 +17,9 @@ flags.DEFINE_string("workdir", None, "output directory (default: runs/<config.ex
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
                   "train (resumes from the workdir's latest checkpoint), sample (EMA grid + .npz) "
                   "or eval (diffusion_jax.evaluation)")
+flags.DEFINE_bool("allow_config_change", False,
+                  "resume although the config changed since the checkpoint in a field that changes "
+                  "what the network learns or how (the changes are logged)")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 _LIBRARIES = ("orbax", "etils", "jax")  # their INFO lines are internals (hundreds per run)
@@ -57,7 +60,7 @@ def main(argv):
     from diffusion_jax.train import loop
 
     if FLAGS.mode == "train":
-        loop.train(config, workdir)  # validates first
+        loop.train(config, workdir, allow_config_change=FLAGS.allow_config_change)  # validates first
         logging.info("done: train in %s", workdir)
         return
     loop.prepare(config)  # multi-host start-up and validation before any work
@@ -67,7 +70,7 @@ def main(argv):
     if FLAGS.mode == "sample":
         from diffusion_jax.train import sampling
 
-        paths = sampling.run_sample_mode(config, workdir)
+        paths = sampling.run_sample_mode(config, workdir, allow_config_change=FLAGS.allow_config_change)
         logging.info("wrote %s and %s", paths["png"], paths["npz"])
     else:
         from diffusion_jax import evaluation  # imported lazily: train and sample work without it

@@ -26,7 +26,8 @@ if REPO not in sys.path:
 # Runs loop.train in a subprocess, with hooks the tests need:
 #   argv: workdir, mode ("plain" | "kill" | "nan"), then --config.* overrides.
 # "kill": SIGKILL itself after step 4, once checkpoint 3 is finalised and the
-#         save of step 4 has been started (so it is likely interrupted);
+#         save of step 4 has been started; that save's commit is made slow (a slow
+#         disk), so the kill lands inside it;
 # "nan":  batch 5 is made of NaNs; the expected NonFiniteError is printed as JSON;
 # all modes dump this process's final params to <workdir>/params_<process>.npz.
 DRIVER = r'''
@@ -48,6 +49,18 @@ def kill_after_step_4(step, state):
         while not os.path.isdir(os.path.join(workdir, "checkpoints", "3")) and time.time() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "kill":
+    import orbax.checkpoint as ocp
+    save = ocp.StandardCheckpointHandler.async_save
+    class SlowCommit:
+        def result(self, timeout=None):
+            time.sleep(60)
+    async def slow_save_of_step_4(self, directory, *args, **kwargs):
+        futures = await save(self, directory, *args, **kwargs)
+        slow = os.path.basename(os.path.dirname(str(directory))).startswith("4.")
+        return [*(futures or []), SlowCommit()] if slow else futures
+    ocp.StandardCheckpointHandler.async_save = slow_save_of_step_4
 
 if mode == "nan":
     make = loop.make_train_iterator
@@ -173,8 +186,11 @@ def test_resume_after_kill_is_exact(smoke_run, env, tmp_path):
     proc = run([str(driver), workdir, "kill", "--config.training.checkpoint_every_steps=1"], env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "4"))  # the kill landed inside its save
+    assert glob.glob(os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp*"))
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "6"))
     check(run([str(driver), workdir, "plain", "--config.training.checkpoint_every_steps=1"], env))
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))  # cleaned
     assert_params_equal(npz_params(os.path.join(workdir, "params_0.npz")), restored_params(smoke_run, 6))
 
 

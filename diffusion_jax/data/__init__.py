@@ -37,9 +37,9 @@ from diffusion_jax.data.storage import (
 
 __all__ = [
     "DATASETS", "ArraySource", "BatchIterator", "ChecksumError", "CorruptCacheError", "DatasetError", "DatasetInfo",
-    "GENERATED", "MissingDatasetError", "SourceUnavailableError", "UnknownDatasetError", "check_name", "info",
-    "load_arrays", "data_source", "make_iterator", "model_geometry", "prepare", "prepared_dir", "resolve_data_dir",
-    "write_arrays",
+    "GENERATED", "MissingDatasetError", "SourceUnavailableError", "UnknownDatasetError", "check_labels",
+    "check_name", "info", "load_arrays", "data_source", "make_iterator", "model_geometry", "prepare",
+    "prepared_dir", "resolve_data_dir", "write_arrays",
 ]
 
 # name -> module drawing that dataset in memory: info(geometry), load_arrays(split, geometry, seed),
@@ -108,6 +108,7 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
         return GENERATED[name].make_iterator(_geometry(name, geometry), batch_size=batch_size, seed=seed,
                                              process_index=process_index, process_count=process_count)
     images, labels = load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare)
+    check_labels(name, split, labels, data_dir=data_dir)
     return BatchIterator(images, labels, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          random_flip=random_flip, num_epochs=num_epochs, process_index=process_index,
                          process_count=process_count, dataset=name, split=split)
@@ -115,4 +116,21 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
 
 def data_source(name: str, split: str, *, data_dir=None, auto_prepare: bool = True) -> ArraySource:
     """A grain-compatible random-access source of uint8 records (see `ArraySource`)."""
-    return ArraySource(*load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare))
+    images, labels = load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare)
+    check_labels(name, split, labels, data_dir=data_dir)
+    return ArraySource(images, labels)
+
+
+def check_labels(name: str, split: str, labels, *, data_dir=None) -> None:
+    """DatasetError unless every label is in [0, num_classes) (any value if the
+    dataset has no classes): a label num_classes would train the null label of
+    classifier-free guidance, a larger one look up no embedding at all."""
+    import numpy as np
+
+    k = info(name, data_dir=data_dir).num_classes
+    labels = np.asarray(labels)
+    if k > 0 and labels.size and (labels.min() < 0 or labels.max() >= k):
+        bad = int(np.count_nonzero((labels < 0) | (labels >= k)))
+        raise DatasetError(
+            f"dataset {name!r} split {split!r} has {bad} label(s) outside [0, {k}) (min {int(labels.min())}, "
+            f"max {int(labels.max())}); prepare it again: python -m diffusion_jax.data prepare {name}")

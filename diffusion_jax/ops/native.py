@@ -22,6 +22,13 @@ temporary name and renamed, so a crash never leaves a half-written library
 behind) and registers the handlers
 with `jax.ffi.register_ffi_target` for the CPU platform.
 
+Loading a library runs its code in this process, so the cache is trusted only
+when it is ours: the folder is created 0700, and a folder or library not
+owned by this user, or writable by group or others, is refused (pure-XLA
+fallback, one log line). A cached library that fails to load (e.g.
+truncated) is rebuilt once; the compiler runs under a timeout
+(``$DIFFUSION_JAX_COMPILE_TIMEOUT`` seconds, default 900).
+
 `available()` says whether this worked; when it did not (no compiler, no
 oneDNN, a non-x86 host), `reason()` says why, and `diffusion_jax.ops` falls
 back to its pure-XLA implementations.
@@ -32,7 +39,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
+import stat
 import shutil
 import site
 import subprocess
@@ -61,6 +70,12 @@ _TARGETS = {
     "dj_gated_residual_backward": "DjGatedResidualBackward",
 }
 CACHE_ENV_VAR = "DIFFUSION_JAX_CACHE"
+COMPILE_TIMEOUT_ENV_VAR = "DIFFUSION_JAX_COMPILE_TIMEOUT"
+_log = logging.getLogger(__name__)
+
+
+class UnsafeCacheError(RuntimeError):
+    """The cache folder or a cached library could be written by someone else."""
 
 
 def _prefixes() -> list[Path]:
@@ -85,6 +100,31 @@ def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "diffusion_jax")
 
 
+def _check_owned(path: Path) -> None:
+    """UnsafeCacheError unless `path` is owned by this user and not group/other-writable."""
+    st = path.lstat()
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symbolic link"
+    elif st.st_uid != os.getuid():
+        why = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    if why:
+        raise UnsafeCacheError(
+            f"native-kernel cache {path} {why}: not loading code from it; fix: chmod 700 it "
+            f"(0755 for a library) or point ${CACHE_ENV_VAR} at a folder of your own")
+
+
+def _safe_cache_dir() -> Path:
+    """The cache folder, created 0700 if missing; UnsafeCacheError if others could write it."""
+    path = _cache_dir()
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700, exist_ok=True)
+    _check_owned(path)
+    return path
+
+
 def _cpu_signature() -> str:
     """Model and flags of this CPU (the library is built with -march=native)."""
     try:
@@ -95,7 +135,7 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build() -> Path:
+def _build(rebuild: bool = False) -> Path:
     if sys.platform != "linux":
         raise RuntimeError(f"native kernels are built on Linux only, this is {sys.platform}")
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -112,21 +152,41 @@ def _build() -> Path:
     key = hashlib.sha256(
         "\0".join([_SOURCE.read_text(), *cmd, jaxlib.__version__, _cpu_signature()]).encode()
     ).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_kernels-{key}.so"
-    if out.exists():
+    out = _safe_cache_dir() / f"cpu_kernels-{key}.so"
+    if out.exists() and not rebuild:
+        _check_owned(out)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+        _compile(cmd, tmp)
+        os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _compile(cmd: list[str], out: str) -> None:
+    timeout = float(os.environ.get(COMPILE_TIMEOUT_ENV_VAR) or 900)
+    try:
+        proc = subprocess.run([*cmd, "-o", out], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"compiling {_SOURCE.name} took over {timeout:g} s (${COMPILE_TIMEOUT_ENV_VAR})"
+                           ) from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+
+
+def _open_library() -> ctypes.CDLL:
+    """The cached library, rebuilt once if the cached file does not load (truncated, ...)."""
+    path = _build()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        _log.warning("cached native kernels %s do not load (%s): rebuilding them once", path, e)
+    return ctypes.CDLL(str(_build(rebuild=True)))
 
 
 @functools.cache
@@ -135,11 +195,14 @@ def _load() -> str | None:
     if os.environ.get("DIFFUSION_JAX_NATIVE", "1").strip() == "0":
         return "disabled by DIFFUSION_JAX_NATIVE=0"
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = _open_library()
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
             )
+    except UnsafeCacheError as e:
+        _log.warning("native kernels unavailable, using the pure-XLA ops: %s", e)
+        return f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - any failure means "fall back to XLA"
         return f"{type(e).__name__}: {e}"
     return None

@@ -5,7 +5,9 @@ Modules, each one job (the test-only "synthetic" dataset is `diffusion_jax.data.
     state        TrainState, optimiser + learning-rate schedule, EMA
     step         the jit train step (state, batch, key) -> (state, metrics)
     parallel     device mesh, batch / replicated shardings, jax.distributed start-up
-    checkpoints  Orbax save / resume, data-iterator state, model-config guard
+    checkpoints  Orbax save / resume, data-iterator state, config and version provenance
+    preemption   SIGTERM / SIGINT: finish the step, save it, stop (one sync step on all hosts)
+    workdir      one trainer per workdir (lock file), restarts.jsonl
     writers      metrics.jsonl, TensorBoard, PNG grids
     sampling     make_denoise_fn, sample grids, `--mode sample`
     loop         train(config, workdir)

@@ -1,17 +1,24 @@
 """Orbax checkpoints of the train state, the data iterators and the model config.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, model_config}
+Layout: <workdir>/checkpoints/<step>/{state, data, config, versions}
 
 * "state": the `TrainState` pytree (StandardSave), written asynchronously;
 * "data": every process's data-iterator state as JSON, one file per process
   (`process_<i>-of-<n>.json`), so a resume continues with exactly the next batch;
-* "model_config": `config.model` as JSON, compared with the current config
-  before anything is restored, so a checkpoint of another architecture gives
-  a one-line error instead of a shape error deep inside Orbax.
+* "config": the whole experiment config as JSON, compared with the current
+  config before anything is restored (`check_config`): a change to a field
+  that changes what the network means or how it trains gives a one-line
+  error naming the field, instead of a silent change or a tree error deep
+  inside Orbax (checkpoints of older versions hold "model_config" instead);
+* "versions": the versions of diffusion_jax, jax, flax, optax and orbax.
 
 Orbax writes each step into a temporary directory and renames it only once
 every item is complete (atomic finalisation), so a save interrupted by a crash
-or `kill -9` is never listed as a step and never restored.
+or `kill -9` is never listed as a step and never restored; the temporary
+directories such saves leave are removed when a trainer opens the workdir
+(`remove_interrupted_saves`). A step that is listed but does not restore (a
+truncated file, an empty directory) is reported in one log line and skipped:
+`restore` returns the newest step that restores.
 """
 
 from __future__ import annotations
@@ -19,15 +26,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+import re
+import shutil
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-# Model-config fields that do not change the parameter tree; they may differ
-# between the checkpoint and the run that resumes it.
-NON_STRUCTURAL_MODEL_FIELDS = ("dropout", "dtype")
+# Config fields (a section name covers all its fields) that may differ between
+# a checkpoint and the run that resumes it: bookkeeping, sampling, evaluation
+# and the process layout. EVERY other field, of every section, including
+# fields added after this list was written, must match (`check_config`).
+RESUMABLE_FIELDS = (
+    "experiment", "sample", "eval", "parallel", "data.data_dir",
+    "training.num_steps",  # except with a decaying lr_schedule: see `_resumable`
+    "training.log_every_steps", "training.checkpoint_every_steps", "training.sample_every_steps",
+    "training.keep_checkpoints", "training.async_checkpointing", "training.progress_bar",
+    "model.dropout", "model.dtype",  # do not change the parameter tree
+)
+OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
+_INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -72,22 +92,122 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def model_config_dict(config: Any) -> dict:
-    return json.loads(config.model.to_json())
+def config_dict(config: Any) -> dict:
+    """The config as JSON-able nested dicts (tuples become lists, as on disk)."""
+    return json.loads(config.to_json_best_effort())
 
 
-def diff_model_configs(saved: dict, current: dict) -> list[str]:
-    """Fields of config.model that differ and change the parameter tree."""
-    keys = sorted(set(saved) | set(current))
+def versions() -> dict[str, str]:
+    """Versions of the packages a checkpoint depends on."""
+    import flax
+    import optax
+
+    import diffusion_jax
+
+    return {"diffusion_jax": diffusion_jax.__version__, "jax": jax.__version__,
+            "flax": flax.__version__, "optax": optax.__version__,
+            "orbax-checkpoint": getattr(ocp, "__version__", "unknown")}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def _resumable(field: str, saved: dict, current: dict) -> bool:
+    if field == "training.num_steps":  # decay schedules end at num_steps: the rate of every step moves
+        schedules = {saved.get("training.lr_schedule"), current.get("training.lr_schedule")}
+        return schedules == {"constant"}
+    return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
+
+
+class Change(NamedTuple):
+    field: str
+    saved: Any
+    current: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: checkpoint {self.saved!r} vs config {self.current!r}"
+
+
+_ABSENT = "<absent>"
+
+
+def diff_configs(saved: dict, current: dict) -> list[Change]:
+    """Fields (dotted paths) that differ and are not in RESUMABLE_FIELDS.
+
+    A field present on one side only counts as changed. `saved` of an old
+    checkpoint holds only {"model": ...}: only the model is compared then."""
+    flat_saved = _flatten(saved)
+    flat_current = {k: v for k, v in _flatten(current).items() if k.split(".")[0] in saved}
     return [
-        f"model.{k}: checkpoint {saved.get(k, '<absent>')!r} vs config {current.get(k, '<absent>')!r}"
-        for k in keys
-        if k not in NON_STRUCTURAL_MODEL_FIELDS and saved.get(k) != current.get(k)
+        Change(k, flat_saved.get(k, _ABSENT), flat_current.get(k, _ABSENT))
+        for k in sorted(set(flat_saved) | set(flat_current))
+        if flat_saved.get(k, _ABSENT) != flat_current.get(k, _ABSENT)
+        and not _resumable(k, flat_saved, flat_current)
     ]
 
 
+def check_config(saved: dict, config: Any, where: str, *, allow_config_change: bool = False,
+                 sections: tuple[str, ...] | None = None) -> list[Change]:
+    """Raises a one-line ValueError when `config` differs from the checkpoint's
+    `saved` config in a field that changes what the network means or how it
+    trains; returns the changes (those of `sections` only, if given).
+
+    Model changes alter the parameter tree and are never allowed; the others
+    are allowed with `allow_config_change` (and returned, to be logged)."""
+    changes = diff_configs(saved, config_dict(config))
+    if sections is not None:
+        changes = [c for c in changes if c.field.split(".")[0] in sections]
+    model = [c for c in changes if c.field.startswith("model.")]
+    if model:
+        raise ValueError(
+            f"checkpoint {where} was written by a different model config "
+            f"({'; '.join(map(str, model))}); use another --workdir or the matching config")
+    if changes and not allow_config_change:
+        raise ValueError(
+            f"checkpoint {where} was written by a different config "
+            f"({'; '.join(map(str, changes))}), which changes what the network learns or how; "
+            f"resume with the checkpoint's values, use another --workdir, or pass {OVERRIDE} "
+            "to continue with the new ones")
+    return changes
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background checkpoint save failed."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any  # the TrainState, or {"step", "params", "ema_params"} when opt_state_reset
+    data_state: dict
+    changes: list[Change]  # config changes accepted with allow_config_change
+    opt_state_reset: bool  # the optimiser state did not fit the new config and was not restored
+
+
+def remove_interrupted_saves(workdir: str) -> list[str]:
+    """Deletes the temporary directories of saves that were killed before they
+    finished (never restorable); returns their names. Only the one trainer of
+    the workdir may call it (it holds the workdir lock)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if _INTERRUPTED_SAVE.match(name):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        logging.info("removed %d interrupted save(s) in %s: %s", len(removed), directory,
+                     ", ".join(removed))
+    return removed
+
+
 class Checkpointer:
-    """Saves every `every_steps` and at the end, keeps the last `keep`, resumes the latest."""
+    """Saves every `every_steps` and at the end, keeps the last `keep`, resumes the
+    newest step that restores."""
 
     def __init__(self, workdir: str, *, keep: int = 1, async_save: bool = True,
                  read_only: bool = False):
@@ -103,67 +223,154 @@ class Checkpointer:
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "data": DataStateHandler(),
-                "model_config": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "versions": ocp.JsonCheckpointHandler(),
+                "model_config": ocp.JsonCheckpointHandler(),  # read from older checkpoints only
             },
         )
+        self._saving: int | None = None  # step of a save started and not yet checked
 
     def latest_step(self) -> int | None:
+        """Newest finalised step (it may still fail to restore: see `restore`)."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, config: Any) -> None:
-        """Starts an asynchronous save of `state` (must be finite: the loop checks)."""
+        """Starts an asynchronous save of `state` (must be finite: the loop checks).
+
+        Waits for the previous save first (as Orbax would) and raises its
+        error, if it failed, as CheckpointSaveError."""
+        self._finish_previous()
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=DataStateSave(data_state),
-                model_config=ocp.args.JsonSave(model_config_dict(config)),
+                config=ocp.args.JsonSave(config_dict(config)),
+                versions=ocp.args.JsonSave(versions()),
             ),
             force=True,
         )
+        self._saving = step
+
+    def _finish_previous(self) -> None:
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever failed, the checkpoint is not there
+            raise CheckpointSaveError(
+                f"saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: {e}); "
+                f"the last complete checkpoint is step {self.latest_step()}") from e
+
+    def check_for_errors(self) -> None:
+        """CheckpointSaveError if the last save started has finished and failed
+        (cheap, never waits: it looks only once that save is no longer in progress)."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self._finish_previous()
+
+    def saved_config(self, step: int) -> dict:
+        """The config stored with `step` ({"model": ...} for checkpoints of older versions)."""
+        if (self.directory / str(step) / "config").exists():
+            return dict(self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+        saved = self.manager.restore(
+            step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())).model_config
+        return {"model": dict(saved)}
+
+    def saved_versions(self, step: int) -> dict | None:
+        if not (self.directory / str(step) / "versions").exists():
+            return None
+        return dict(self.manager.restore(
+            step, args=ocp.args.Composite(versions=ocp.args.JsonRestore())).versions)
 
     def check_model_config(self, config: Any, step: int | None = None) -> None:
         """ValueError when the checkpoint at `step` (default latest) was written by another model config."""
         step = self.latest_step() if step is None else step
-        if step is None:
-            return
-        saved = self.manager.restore(
-            step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())
-        ).model_config
-        diffs = diff_model_configs(saved, model_config_dict(config))
-        if diffs:
-            raise ValueError(
-                f"checkpoint {self.directory / str(step)} was written by a different model "
-                f"config ({'; '.join(diffs)}); use another --workdir or the matching config"
-            )
+        if step is not None:
+            check_config(self.saved_config(step), config, str(self.directory / str(step)),
+                         sections=("model",))
+
+    def _skip(self, step: int, error: Exception) -> str:
+        text = f"step {step}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        logging.warning("checkpoint %s does not restore, skipping it (%s)",
+                        self.directory / str(step), text)
+        return text
+
+    def _newest_first(self, step: int | None) -> list[int]:
+        return [step] if step is not None else sorted(self.all_steps(), reverse=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
-        """(state, data_state) of checkpoint `step` (default: latest), or None without one.
+        """(state, data_state) of the newest checkpoint that restores (or `step`),
+        None without any (see `resume`, which also checks the config)."""
+        restored = self.resume(abstract_state, step)
+        return None if restored is None else (restored.state, restored.data_state)
+
+    def resume(self, abstract_state: Any, step: int | None = None, *, config: Any = None,
+               allow_config_change: bool = False) -> Restored | None:
+        """The newest checkpoint that restores (or `step`), None without any.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings
-        (e.g. `jax.eval_shape` of the init plus the replicated sharding).
+        (e.g. `jax.eval_shape` of the init plus the replicated sharding). With
+        `config`, the checkpoint's config is checked first (`check_config`);
+        when changes were allowed and the optimiser state no longer has the
+        checkpoint's structure (e.g. adam -> adamw, clipping on/off), the step,
+        parameters and EMA are restored alone (`opt_state_reset`). Damaged steps
+        are skipped with one log line each; ValueError when there are steps but
+        none restores.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=DataStateRestore(),
-            ),
-        )
-        return restored.state, restored.data
+        failures = []
+        for s in self._newest_first(step):
+            where = str(self.directory / str(s))
+            try:
+                saved = self.saved_config(s) if config is not None else None
+            except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
+                failures.append(self._skip(s, e))
+                continue
+            changes = [] if config is None else check_config(
+                saved, config, where, allow_config_change=allow_config_change)
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+                return Restored(s, restored.state, restored.data, changes, False)
+            except Exception as e:  # noqa: BLE001
+                error = e
+            if changes:  # the allowed change may have changed the optimiser state's tree
+                try:
+                    get = abstract_state.get if isinstance(abstract_state, dict) else \
+                        lambda k: getattr(abstract_state, k)
+                    parts = {k: get(k) for k in ("step", "params", "ema_params")}
+                    state = self.restore_parts(s, parts)
+                    data = self.manager.restore(
+                        s, args=ocp.args.Composite(data=DataStateRestore())).data
+                    return Restored(s, state, data, changes, True)
+                except Exception:  # noqa: BLE001
+                    pass
+            failures.append(self._skip(s, error))
+        if failures:
+            raise ValueError(
+                f"no checkpoint in {self.directory} restores ({'; '.join(failures)}); "
+                "move the damaged steps away or use another --workdir")
+        return None
+
+    def restore_parts(self, step: int, abstract_parts: dict) -> dict:
+        """Only the top-level fields of the saved state named in `abstract_parts`
+        (e.g. {"ema_params": ...}); the others are not read."""
+        path = self.directory / str(step) / "state"
+        return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract_parts, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_parts),
+            partial_restore=True))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Until the last save is committed; CheckpointSaveError if it failed."""
+        self._finish_previous()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(tree: Any, sharding: Any) -> Any:
@@ -171,32 +378,51 @@ def abstract_like(tree: Any, sharding: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def restore_ema_params(config: Any, workdir: str, step: int | None = None) -> Any:
-    """EMA parameters of the latest (or given) checkpoint in `workdir`, replicated
-    over the local devices. ValueError when there is none or it does not match
-    `config.model`."""
+def restore_ema(config: Any, workdir: str, step: int | None = None, *,
+                allow_config_change: bool = False) -> tuple[int, Any]:
+    """(step, EMA parameters) of the newest checkpoint in `workdir` that restores
+    (or of `step`), replicated over the devices. Only the EMA parameters are read
+    and no optimiser is built. ValueError when there is none, or when its model
+    or diffusion config differs from `config`'s (what the network's output means)."""
     from diffusion_jax import models
     from diffusion_jax.train import parallel
-    from diffusion_jax.train.state import create_train_state, make_optimizer
+    from diffusion_jax.train.state import dummy_inputs
 
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        steps = ckpt._newest_first(step)
+        if not steps:
             raise ValueError(
                 f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
                 f"(launch.py --mode train --workdir {workdir})"
             )
-        ckpt.check_model_config(config, step)
         model = models.create(config.model)
-        tx, _ = make_optimizer(config.training)
         shapes = jax.eval_shape(
-            lambda k: create_train_state(model, config.model, tx, k), jax.random.PRNGKey(0))
-        mesh = parallel.make_mesh()
-        state, _ = ckpt.restore(abstract_like(shapes, parallel.replicated(mesh)), step)
-        return state.ema_params
+            lambda k: model.init({"params": k}, *dummy_inputs(config.model), train=False)["params"],
+            jax.random.PRNGKey(0))
+        abstract = {"ema_params": abstract_like(shapes, parallel.replicated(parallel.make_mesh()))}
+        failures = []
+        for s in steps:
+            try:
+                saved = ckpt.saved_config(s)
+            except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
+                failures.append(ckpt._skip(s, e))
+                continue
+            check_config(saved, config, str(ckpt.directory / str(s)),
+                         allow_config_change=allow_config_change, sections=("model", "diffusion"))
+            try:
+                return s, ckpt.restore_parts(s, abstract)["ema_params"]
+            except Exception as e:  # noqa: BLE001
+                failures.append(ckpt._skip(s, e))
+        raise ValueError(f"no checkpoint in {ckpt.directory} restores ({'; '.join(failures)}); "
+                         "move the damaged steps away or use another --workdir")
     finally:
         ckpt.close()
+
+
+def restore_ema_params(config: Any, workdir: str, step: int | None = None) -> Any:
+    """EMA parameters of the newest restorable (or given) checkpoint (`restore_ema`)."""
+    return restore_ema(config, workdir, step)[1]
 
 
 def latest_step(workdir: str) -> int | None:

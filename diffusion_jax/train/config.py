@@ -9,6 +9,7 @@ does not divide over the devices.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from diffusion_jax.train.state import LR_SCHEDULES, OPTIMIZERS
@@ -33,12 +34,17 @@ def _get(config: Any, field: str) -> Any:
 
 def _in_range(config: Any, field: str, lo: float | None, hi: float | None, *, integer: bool = False,
               lo_open: bool = False, hi_open: bool = False) -> None:
+    """`field` must be a number (an integer if `integer`) within the bounds, and
+    finite: NaN fails every comparison and inf is never a meaningful setting,
+    so both are refused even where there is no upper bound."""
     value = _get(config, field)
     kind = "an integer" if integer else "a number"
     lo_txt = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
-    hi_txt = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+    hi_txt = " < inf" if hi is None and not integer else "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
     allowed = f"{kind} with {lo_txt}{field.split('.')[-1]}{hi_txt}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise _fail(field, allowed, value)
+    if not math.isfinite(value):
         raise _fail(field, allowed, value)
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise _fail(field, allowed, value)

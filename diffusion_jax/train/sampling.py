@@ -87,15 +87,21 @@ def make_sample_fn(config: Any, num_images: int, *, out_sharding: Any = None) ->
 
 
 def parse_labels(config: Any, num_images: int) -> np.ndarray | None:
-    """config.sample.labels ("3,3,7", cycled to num_images) or 0..K-1 cycled; None if unconditional."""
+    """config.sample.labels ("3,3,7", cycled to num_images) or 0..K-1 cycled; None if unconditional.
+    ValueError (one line naming the field) unless they are integers in [0, K)."""
     k = int(config.model.num_classes)
     if k == 0:
         return None
     text = str(config.sample.labels).strip()
     if text:
-        base = np.asarray([int(v) for v in text.split(",")], np.int32)
-        if base.min() < 0 or base.max() >= k:
-            raise ValueError(f"sample.labels must be integers in [0, {k}), got {text!r}")
+        try:
+            base = np.asarray([int(v) for v in text.split(",")], np.int64)
+        except ValueError:
+            base = None
+        if base is None or base.min() < 0 or base.max() >= k:
+            raise ValueError(f"config.sample.labels must be comma-separated integers in [0, {k}) "
+                             f"(model.num_classes={k}), got {text!r}")
+        base = base.astype(np.int32)
     else:
         base = np.arange(k, dtype=np.int32)
     return np.resize(base, num_images).astype(np.int32)
@@ -116,19 +122,26 @@ def sample_images(config: Any, params: Any, num_images: int, labels: np.ndarray 
     return np.concatenate(out, axis=0)
 
 
-def run_sample_mode(config: Any, workdir: str) -> dict[str, str]:
-    """`--mode sample`: the latest EMA params draw config.sample.num_images images;
-    writes samples/<name>.png (grid) and samples/<name>.npz (uint8 images, labels)."""
+def run_sample_mode(config: Any, workdir: str, *, allow_config_change: bool = False) -> dict[str, str]:
+    """`--mode sample`: the EMA params of the newest checkpoint that restores draw
+    config.sample.num_images images; writes samples/<name>.png (grid) and
+    samples/<name>.npz (uint8 images, labels). Only the EMA parameters are read.
+    ValueError, and nothing written, when a sampled value is not finite."""
     from diffusion_jax import images as image_lib
     from diffusion_jax.train import checkpoints, writers
 
-    step = checkpoints.latest_step(workdir)
-    params = checkpoints.restore_ema_params(config, workdir, step)
     s = config.sample
     num = int(s.num_images)
-    labels = parse_labels(config, num)
+    labels = parse_labels(config, num)  # before any restore
+    step, params = checkpoints.restore_ema(config, workdir, allow_config_change=allow_config_change)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003)
     images = sample_images(config, params, num, labels, key)
+    bad = ~np.isfinite(images).reshape(num, -1).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"sampling from checkpoint {step} gave non-finite values in {int(bad.sum())} of {num} images "
+            f"(config.sample: method={s.method!r}, num_steps={s.num_steps}, guidance_scale={s.guidance_scale}, "
+            f"clip_x0={s.clip_x0}); nothing written; try another sampler setting or checkpoint")
     name = f"sample_step{step}_{s.method}{s.num_steps}_w{s.guidance_scale:g}"
     base = os.path.join(workdir, "samples", name)
     ncol = int(np.ceil(np.sqrt(num)))

@@ -121,9 +121,3 @@ def create_train_state(
 def num_params(params: Any) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
-
-def restore_ema_params(config: Any, workdir: str) -> Any:
-    """Latest checkpoint's EMA parameters (see `diffusion_jax.train.checkpoints`)."""
-    from diffusion_jax.train import checkpoints  # local: checkpoints imports this module
-
-    return checkpoints.restore_ema_params(config, workdir)

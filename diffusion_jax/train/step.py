@@ -14,7 +14,7 @@ fold_in(step_key, i) with i its index in the GLOBAL batch, so the draws do not
 depend on how the batch is split over devices or hosts (the 1-device and
 8-device runs see the same t, eps and label drops).
 
-A non-finite loss or gradient norm leaves the state as it was (the update is
+A non-finite loss, gradient norm or new (EMA) parameter leaves the state as it was (the update is
 discarded inside the step) and sets metrics["finite"] to 0; the loop stops on
 it, so a bad state is never saved.
 """
@@ -98,7 +98,11 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
             ema_params=ema_update(state.ema_params, params, decay),
             opt_state=opt_state,
         )
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The update is kept only if everything it produced is finite: the loss, the
+        # gradient norm, and every new parameter and EMA parameter (a finite gradient
+        # times a huge learning rate can still overflow the parameters).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, candidate.ema_params))]))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
         metrics = {
             "loss": loss,

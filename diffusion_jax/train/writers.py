@@ -23,20 +23,51 @@ def save_image_grid(path: str, images: np.ndarray, ncol: int) -> np.ndarray:
     return grid
 
 
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Drops the lines of a metrics.jsonl with step > last_step (and a torn last
+    line), rewriting the file atomically; returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                ok = int(json.loads(line)["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricWriter:
     """Appends {"step": s, **scalars} lines to <workdir>/metrics.jsonl and writes
     the same scalars (prefixed "train/") and images to TensorBoard event files in
-    <workdir>/tensorboard."""
+    <workdir>/tensorboard.
 
-    def __init__(self, workdir: str, *, active: bool = True):
+    `start_step`: the step training continues from (0 on a fresh start). What
+    an earlier run logged after it (steps it did again after a resume) is
+    dropped: from metrics.jsonl here, from TensorBoard by its purge_step, so
+    each step appears once."""
+
+    def __init__(self, workdir: str, *, active: bool = True, start_step: int = 0):
         self.active = active
         if not active:
             return
         from tensorboardX import SummaryWriter
 
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        path = os.path.join(workdir, "metrics.jsonl")
+        truncate_metrics(path, start_step)
+        self._jsonl = open(path, "a")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.active:
