@@ -58,6 +58,7 @@ def net():
     return model, init(model, cfg, batch=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROCESSES))
 def test_a_tiny_network_learns_under_every_process(net, name):
     """Fixed images, times and noise: the process's own loss falls >= 10x within 300 Adam steps."""

@@ -216,3 +216,16 @@ def test_launch_stops_on_a_changed_optimizer_and_resumes_with_the_flag(tmp_path)
     assert len(starts[1]["config_changes"]) == 2
     assert [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_knobs_of_a_process_neither_run_uses_may_change():
+    from diffusion_jax.train import checkpoints
+    from experiments import smoke
+
+    saved = checkpoints.config_dict(smoke.get_config())
+    config = smoke.get_config()
+    config.diffusion.edm.sigma_data = 0.7  # process is ddpm: EDM's knobs are not read
+    assert checkpoints.diff_configs(saved, checkpoints.config_dict(config)) == []
+    config.diffusion.process = "edm"
+    fields = {c.field for c in checkpoints.diff_configs(saved, checkpoints.config_dict(config))}
+    assert {"diffusion.process", "diffusion.edm.sigma_data"} <= fields

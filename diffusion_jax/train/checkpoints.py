@@ -122,6 +122,11 @@ def _resumable(field: str, saved: dict, current: dict) -> bool:
     if field == "training.num_steps":  # decay schedules end at num_steps: the rate of every step moves
         schedules = {saved.get("training.lr_schedule"), current.get("training.lr_schedule")}
         return schedules == {"constant"}
+    parts = field.split(".")
+    if parts[0] == "diffusion" and len(parts) > 2 and parts[1] in ("vp", "edm", "flow"):
+        # the knobs of a process neither run uses (config.diffusion.<name>, processes.make)
+        used = {saved.get("diffusion.process", "ddpm"), current.get("diffusion.process", "ddpm")}
+        return parts[1] not in used
     return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
 

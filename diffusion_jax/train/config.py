@@ -86,8 +86,11 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
 
     # Diffusion process and loss.
     process = _process(config)
-    _one_of(config, "diffusion.prediction", process.predictions)
-    _one_of(config, "diffusion.loss_weighting", objectives.weighting_names(process))
+    for field, names in (("prediction", process.predictions),
+                         ("loss_weighting", objectives.weighting_names(process))):
+        if config.diffusion[field] not in names:
+            raise _fail(f"diffusion.{field}", f"one of {tuple(names)} for process {process.name!r}",
+                        config.diffusion[field])
     _in_range(config, "diffusion.min_snr_gamma", 0, None, lo_open=True)
     _in_range(config, "diffusion.vlb_weight", 0, None)
     learned = config.diffusion.variance == "learned_range"
