@@ -20,7 +20,7 @@ def test_edm_and_flow_experiments_use_the_mnist_network():
     from experiments import mnist
 
     assert edm.model == mnist.get_config().model == flow.model
-    assert (edm.diffusion.process, edm.diffusion.prediction, edm.sample.method) == ("edm", "edm", "heun")
+    assert (edm.diffusion.process, edm.diffusion.prediction, edm.sample.method) == ("edm", "edm", "dpm_solver_pp")
     assert (flow.diffusion.process, flow.diffusion.prediction, flow.sample.method) == ("flow", "velocity", "euler")
     for config in (edm, flow):
         config_lib.validate(config)
