@@ -16,9 +16,10 @@ if REPO not in sys.path:
 from experiments import cifar10, default, fashion_mnist, mnist, mnist_dit, smoke  # noqa: E402
 
 from diffusion_jax.train import checkpoints, config as config_lib  # noqa: E402
-from diffusion_jax.train.logging import MetricWriter, make_grid, to_uint8  # noqa: E402
+from diffusion_jax.images import tile as make_grid, to_uint8  # noqa: E402
+from diffusion_jax.train.writers import MetricWriter  # noqa: E402
 from diffusion_jax.train.state import ema_decay_at, ema_update, make_learning_rate_schedule  # noqa: E402
-from diffusion_jax.train.synthetic import SyntheticIterator  # noqa: E402
+from diffusion_jax.data.synthetic import SyntheticIterator  # noqa: E402
 
 
 @pytest.mark.parametrize("module", [smoke, mnist, mnist_dit, fashion_mnist, cifar10])

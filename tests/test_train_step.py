@@ -21,7 +21,7 @@ from diffusion_jax import models
 from diffusion_jax.train import parallel, sampling
 from diffusion_jax.train.state import create_train_state, make_optimizer
 from diffusion_jax.train.step import jit_train_step, make_train_step
-from diffusion_jax.train.synthetic import SyntheticIterator
+from diffusion_jax.data.synthetic import SyntheticIterator
 
 assert jax.device_count() == 8, jax.devices()
 config = smoke.get_config()
@@ -38,11 +38,11 @@ def flat(tree):
 
 def run(devices):
     mesh = parallel.make_mesh(devices)
-    repl = parallel.replicated(mesh)
+    repl = parallel.replicated_sharding(mesh)
     state = jax.jit(lambda k: create_train_state(model, config.model, tx, k),
-                    out_shardings=repl)(parallel.replicate(mesh, jax.random.PRNGKey(0)))
+                    out_shardings=repl)(parallel.replicate_array(mesh, jax.random.PRNGKey(0)))
     step = jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh)
-    key = parallel.replicate(mesh, jax.random.PRNGKey(1))
+    key = parallel.replicate_array(mesh, jax.random.PRNGKey(1))
     losses = []
     for b in batches:
         gb = parallel.global_batch(mesh, b)

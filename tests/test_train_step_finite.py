@@ -20,7 +20,7 @@ from diffusion_jax import models  # noqa: E402
 from diffusion_jax.train import sampling  # noqa: E402
 from diffusion_jax.train.state import create_train_state, make_optimizer  # noqa: E402
 from diffusion_jax.train.step import make_train_step  # noqa: E402
-from diffusion_jax.train.synthetic import SyntheticIterator  # noqa: E402
+from diffusion_jax.data.synthetic import SyntheticIterator  # noqa: E402
 
 
 def test_infinite_learning_rate_update_is_discarded():

@@ -259,10 +259,10 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
     summary: dict = {"workdir": workdir, "settings": {k: list(v) if isinstance(v, tuple) else v
                                                       for k, v in settings.items()}, "timings_s": {}}
     if params is None:
-        from diffusion_jax.train.checkpoints import latest_step, restore_ema_params
+        from diffusion_jax.train.checkpoints import restore_ema
 
-        summary["checkpoint_step"] = latest_step(workdir)
-        params = restore_ema_params(config, workdir)
+        # the step actually restored (the newest that restores, not merely the newest folder)
+        summary["checkpoint_step"], params = restore_ema(config, workdir)
     generator = Generator(config, params, batch_size=settings["batch_size"])
     num_classes = generator.num_classes
     conditional = num_classes > 0

@@ -405,7 +405,7 @@ def restore_ema(config: Any, workdir: str, step: int | None = None, *,
         shapes = jax.eval_shape(
             lambda k: model.init({"params": k}, *dummy_inputs(config.model), train=False)["params"],
             jax.random.PRNGKey(0))
-        abstract = {"ema_params": abstract_like(shapes, parallel.replicated(parallel.make_mesh()))}
+        abstract = {"ema_params": abstract_like(shapes, parallel.replicated_sharding(parallel.make_mesh()))}
         failures = []
         for s in steps:
             try:

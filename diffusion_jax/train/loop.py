@@ -152,7 +152,7 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
     tc = config.training
     primary = jax.process_index() == 0
     mesh = parallel.make_mesh()
-    repl = parallel.replicated(mesh)
+    repl = parallel.replicated_sharding(mesh)
     model = models.create(config.model)
     process = sampling.make_process(config)
     tx, lr_schedule = make_optimizer(tc)
@@ -163,7 +163,7 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
     writer = bar = None
     try:
         key = jax.random.PRNGKey(config.seed)
-        init_key, step_key, sample_key = (parallel.replicate(mesh, k) for k in jax.random.split(key, 3))
+        init_key, step_key, sample_key = (parallel.replicate_array(mesh, k) for k in jax.random.split(key, 3))
         init = jax.jit(lambda k: create_train_state(model, config.model, tx, k), out_shardings=repl)
         data_iter = make_train_iterator(config)
         state, data_state = _resume(config, workdir, ckpt, init, init_key, tx, repl, allow_config_change)
@@ -174,7 +174,7 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
         labels, ncol = sampling.grid_labels(config)
         num_grid = len(labels) if labels is not None else ncol * ncol
         sample_fn = sampling.make_sample_fn(config, num_grid, out_sharding=repl)
-        grid_labels = None if labels is None else parallel.replicate(mesh, labels)
+        grid_labels = None if labels is None else parallel.replicate_array(mesh, labels)
 
         start, num_steps = int(parallel.to_host(state.step)), int(tc.num_steps)
         writer = MetricWriter(workdir, active=primary, start_step=start)
@@ -208,14 +208,16 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
                 last_log_step, last_log_time = s, now
             if do_ckpt:
                 ckpt.save(s, state, data_iter.get_state(), config)
+                logging.info("checkpoint %d saving to %s (loss %.4f)", s, ckpt.directory, float(host["loss"]))
             if do_sample:
                 images = parallel.to_host(sample_fn(state.ema_params, grid_labels, sample_key))
                 if primary and not np.isfinite(images).all():
                     logging.warning("sample grid of step %d has non-finite values: not written", s)
                 elif primary:
-                    grid = save_image_grid(
-                        os.path.join(workdir, "samples", f"step_{s:07d}.png"), images, ncol)
+                    path = os.path.join(workdir, "samples", f"step_{s:07d}.png")
+                    grid = save_image_grid(path, images, ncol)
                     writer.write_image(s, "samples/ema", grid)
+                    logging.info("samples of step %d written to %s", s, path)
                 last_log_time = time.perf_counter()  # keep sampling out of images/s
             bar.update(1)
             if step_callback is not None:

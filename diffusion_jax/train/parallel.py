@@ -105,11 +105,6 @@ def replicate_array(mesh: Mesh, x: Any) -> Any:
     )
 
 
-# The old, easily confused names: still called by train/step.py, train/loop.py,
-# train/checkpoints.py and tests/test_train_step.py until their owners switch.
-replicated = replicated_sharding
-replicate = replicate_array
-
 
 def to_host(x: Any) -> Any:
     """Replicated (or addressable) global arrays -> numpy, on every process."""

@@ -121,7 +121,7 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
 def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
     """jax.jit with the batch split over "data", the state and key replicated,
     and the incoming state donated (its buffers are reused for the new one)."""
-    repl = parallel.replicated(mesh)
+    repl = parallel.replicated_sharding(mesh)
     return jax.jit(
         train_step,
         in_shardings=(repl, parallel.batch_sharding(mesh), repl),

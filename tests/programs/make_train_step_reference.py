@@ -14,7 +14,10 @@ from diffusion_jax import models
 from diffusion_jax.train import parallel, sampling
 from diffusion_jax.train.state import create_train_state, make_optimizer
 from diffusion_jax.train.step import jit_train_step, make_train_step
-from diffusion_jax.train.synthetic import SyntheticIterator
+try:  # where it lives now; at 17866ad it was diffusion_jax.train.synthetic
+    from diffusion_jax.data.synthetic import SyntheticIterator
+except ImportError:
+    from diffusion_jax.train.synthetic import SyntheticIterator
 
 VARIANTS = {"eps": {}, "v_min_snr": {"prediction": "v", "loss_weighting": "min_snr"}}
 
@@ -27,7 +30,7 @@ def run(variant):
     model = models.create(config.model)
     tx, lr = make_optimizer(config.training)
     mesh = parallel.make_mesh()
-    repl = parallel.replicated(mesh)
+    repl = (getattr(parallel, "replicated_sharding", None) or parallel.replicated)(mesh)
     state = jax.jit(lambda k: create_train_state(model, config.model, tx, k), out_shardings=repl)(
         jax.random.PRNGKey(0))
     step = jit_train_step(make_train_step(config, model, sampling.make_schedule(config), tx, lr), mesh)
