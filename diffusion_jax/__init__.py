@@ -1,7 +1,8 @@
-"""diffusion_jax: denoising diffusion models (DDPM and fast samplers) in JAX/Flax.
+"""diffusion_jax: denoising diffusion models in JAX/Flax: discrete DDPM, continuous VP,
+EDM and flow matching, their objectives and samplers.
 
 Layers, each importable alone (arrows point one way):
-schedules -> diffusion (process math, losses, likelihood) -> samplers
+schedules -> processes -> diffusion (DDPM's posteriors, VLB), objectives -> samplers -> oracles
 ops -> models -> data -> training / evaluation -> launch.py
 """
 

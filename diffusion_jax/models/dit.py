@@ -89,7 +89,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion transformer. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`."""
+    """Diffusion transformer. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`;
+    t is the noise-level input c_noise of the process (`processes`; for ddpm the integer timestep)."""
 
     image_size: int = 28
     in_channels: int = 1

@@ -115,7 +115,8 @@ class AttentionBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM/ADM UNet. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`."""
+    """DDPM/ADM UNet. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`; t is
+    the noise-level input c_noise of the process (`processes`; for ddpm the integer timestep)."""
 
     image_size: int = 28
     in_channels: int = 1
