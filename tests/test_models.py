@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax import models
+from diffusion_jax import models, ops
 from models_support import count, init, jit, random_variables, tiny_dit, tiny_unet, TINY
 
 
@@ -256,7 +256,8 @@ def test_overfits_fixed_batch_under_eps_loss(learner, name):
         return jnp.mean((model.apply({"params": p}, x_t, t, labels) - eps) ** 2)
 
     @jax.jit  # fully optimised: this one runs many steps
-    def steps(p, s):
+    @ops.forced("fast")  # the XLA path: in a process that loaded the native kernels, training
+    def steps(p, s):     # this far (tiny gradients) was seen to slow down hundreds of times
         def body(carry, _):
             p, s = carry
             loss, g = jax.value_and_grad(loss_fn)(p)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax import models, objectives, processes, schedules
+from diffusion_jax import models, objectives, ops, processes, schedules
 from models_support import init, jit, tiny_unet
 
 PROCESSES = {
@@ -53,15 +53,16 @@ def test_hybrid_loss_is_ddpm_only():
 
 @pytest.fixture(scope="module")
 def net():
-    cfg = tiny_unet(ch=16, num_classes=0)
+    cfg = tiny_unet(ch=8, num_classes=0)
     model = models.create(cfg)
     return model, init(model, cfg, batch=8)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(PROCESSES))
+@pytest.mark.parametrize("name", ["vp", "edm", "flow"])  # ddpm: tests/test_models.py's overfitting test
 def test_a_tiny_network_learns_under_every_process(net, name):
-    """Fixed images, times and noise: the process's own loss falls >= 10x within 300 Adam steps."""
+    """Fixed images, times and noise: the process's own loss falls >= 10x within 300 Adam steps
+    (traced on the XLA path, so the test does not depend on the native kernels being built)."""
     process, prediction, weighting = PROCESSES[name]
     model, variables = net
     xx, yy = np.meshgrid(np.linspace(0, 1, 16), np.linspace(0, 1, 16))
@@ -77,9 +78,10 @@ def test_a_tiny_network_learns_under_every_process(net, name):
         return jnp.mean(objectives.training_losses(process, out, x0, t, eps, prediction=prediction,
                                                    weighting=weighting)["loss"])
 
-    opt = optax.adam(2e-3)
+    opt = optax.adam(3e-3)
 
     @jit
+    @ops.forced("fast")
     def steps(p, s):
         def body(carry, _):
             p, s = carry
@@ -89,9 +91,12 @@ def test_a_tiny_network_learns_under_every_process(net, name):
         return jax.lax.scan(body, (p, s), None, length=25)
 
     params, state = variables["params"], opt.init(variables["params"])
-    first = float(jit(loss_fn)(params))
+    with ops.forced("fast"):
+        first = float(jit(loss_fn)(params))
     for _ in range(12):
-        (params, state), _ = steps(params, state)
-        if float(jit(loss_fn)(params)) < first / 10:
+        (params, state), losses = steps(params, state)
+        if float(losses[-1]) < first / 10:
             break
-    assert float(jit(loss_fn)(params)) < first / 10, name
+    with ops.forced("fast"):
+        final = float(jit(loss_fn)(params))
+    assert final < first / 10, (name, first, final)
