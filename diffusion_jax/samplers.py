@@ -365,7 +365,7 @@ class DDIM(Sampler):
     def __post_init__(self):
         super().__post_init__()
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ValueError(f"eta must be a number in [0, 1], got {self.eta!r}")
+            raise ValueError(f"eta must be a number with 0 <= eta <= 1, got {self.eta!r}")
 
     def _run(self, denoise, process, x, key, ts, keep):
         eta = float(self.eta)
