@@ -632,8 +632,7 @@ def draw(sampler: Sampler, denoise, process, shape, key, *, return_trajectory=Fa
 
 
 def _alpha_sigma_ext(schedule: Schedule, t, ndim: int):
-    a, s = DDPM(schedule).alpha_sigma(t)
-    return _bcast(a, ndim), _bcast(s, ndim)
+    return _alpha_sigma_at(DDPM(schedule), t, ndim)
 
 
 def _predict(schedule, x_t, t, model_output, prediction, clip_x0) -> Prediction:
