@@ -1,8 +1,25 @@
-"""Fixtures shared by the test files that start launch.py or trainer programs as subprocesses."""
+"""Test-session settings, and the fixtures shared by the test files that start launch.py or
+trainer programs as subprocesses.
+
+Outside tests/test_ops_*.py, which call the native kernels directly, the tests trace the
+pure-XLA layers (DIFFUSION_JAX_OPS=fast, inherited by every subprocess they start): on the
+2-core CI machine a train step of the native path has deadlocked once in a while inside the
+suite (a oneDNN thread spinning in its barrier; never seen in a run on its own), and one such
+hang costs the whole CI budget. The arithmetic under test is the same on both paths
+(tests/test_ops_*.py hold the native kernels to the reference).
+"""
 
 import os
 
 import pytest
+
+os.environ.setdefault("DIFFUSION_JAX_OPS", "fast")
+
+def _run_dir(tmp_path_factory):
+    """This pytest run's temporary root: under xdist, the folder its workers' basetemps share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -10,7 +27,7 @@ def env(tmp_path_factory):
     e.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_backend_optimization_level=0",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"),
+        JAX_COMPILATION_CACHE_DIR=str(_run_dir(tmp_path_factory) / "jax_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )

@@ -67,15 +67,14 @@ def test_bad_process_or_sampler_fields_raise_one_line_errors(fields, message):
     ("flow", ["--config.diffusion.prediction=velocity", "--config.sample.method=euler",
               "--config.sample.grid=trailing"]),
 ])
-def test_continuous_processes_train_sample_and_evaluate_through_launch(tmp_path, process, extra):
+def test_continuous_processes_train_sample_and_evaluate_through_launch(tmp_path, env, process, extra):
     workdir = str(tmp_path / process)
     base = [sys.executable, os.path.join(REPO, "launch.py"), "--config", os.path.join(REPO, "experiments", "smoke.py"),
             f"--workdir={workdir}", f"--config.diffusion.process={process}", *extra]
     eval_flags = ["--config.eval.parts=('quality', 'pictures')", "--config.eval.samplers=('euler', 'dpm_solver_pp')",
                   "--config.eval.steps=(3,)", "--config.eval.guidance_scales=(2.0,)", "--config.eval.guidance_steps=3",
                   "--config.eval.classifier_epochs=1", "--config.eval.strip_steps=3", "--config.eval.strip_sampler=euler"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for mode, flags in (("train", []), ("sample", []), ("eval", eval_flags)):
+    for mode, flags in (("train", []), ("sample", []), ("eval", eval_flags)):  # env: tests/conftest.py
         done = subprocess.run(base + [f"--mode={mode}", *flags], capture_output=True, text=True, env=env,
                               cwd=REPO, timeout=600)
         assert done.returncode == 0, (mode, done.stderr[-3000:])
