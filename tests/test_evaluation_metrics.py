@@ -116,3 +116,5 @@ def test_inception_score_known_values():
 def test_conditional_accuracy():
     probs = np.eye(3)[[0, 1, 2, 2]]
     assert metrics.conditional_accuracy(probs, [0, 1, 2, 0]) == 0.75
+    # per class: class 0 has one hit in two, class 1 one in one, class 2 one in one, class 3 none drawn
+    assert metrics.conditional_accuracy_per_class(np.eye(4)[[0, 1, 2, 2]], [0, 1, 2, 0], 4) == [0.5, 1.0, 1.0, None]

@@ -39,6 +39,7 @@ COLUMNS = (
     ("kid", "KID x1e3", "{:.3f}"),
     ("inception_score", "IS analogue", "{:.3f}"),
     ("conditional_accuracy", "cond. acc.", "{:.4f}"),
+    ("worst_class_accuracy", "worst class", "{:.3f}"),
     ("seconds", "time (s)", "{:.0f}"),
 )
 
@@ -60,7 +61,8 @@ def score(apply_fn: Callable, images, reference: Reference, *, labels=None) -> d
 
     apply_fn: images -> (features [N, d], probs [N, classes]) (classifier.make_apply_fn).
     labels: the class each image was generated for (conditional models), else None.
-    Returns fd, kid, kid_std, inception_score and (with labels) conditional_accuracy.
+    Returns fd, kid, kid_std, inception_score and, with labels, conditional_accuracy, its value
+    per class (conditional_accuracy_per_class) and the lowest of those (worst_class_accuracy).
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -78,6 +80,9 @@ def score(apply_fn: Callable, images, reference: Reference, *, labels=None) -> d
     }
     if labels is not None:
         result["conditional_accuracy"] = metrics.conditional_accuracy(probs, labels)
+        per_class = metrics.conditional_accuracy_per_class(probs, labels, probs.shape[1])
+        result["conditional_accuracy_per_class"] = per_class
+        result["worst_class_accuracy"] = min(a for a in per_class if a is not None)
     return result
 
 
