@@ -92,7 +92,11 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
 
     # --- evaluation (--mode eval): every knob of diffusion_jax.evaluation.settings.EVAL_DEFAULTS,
     # documented there (None = taken from config.seed / config.sample) --------------
-    config.eval = ml_collections.ConfigDict(dict(EVAL_DEFAULTS))
+    # The None defaults are stored as their typed stand-ins (-1, -1.0, ""), which mean the same,
+    # so that the command line can override them (`--config.eval.guidance_sampler=heun`).
+    stand_in = {"seed": -1, "guidance_scale": -1.0, "guidance_sampler": ""}
+    config.eval = ml_collections.ConfigDict(
+        {k: stand_in[k] if v is None else v for k, v in EVAL_DEFAULTS.items()})
 
     # --- multi-host -----------------------------------------------------------
     config.parallel = ml_collections.ConfigDict()

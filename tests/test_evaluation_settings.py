@@ -39,6 +39,21 @@ def test_defaults_resolve_from_the_rest_of_the_config():
     assert settings.eval_settings(_config(steps="5, 7"))["steps"] == (5, 7)  # comma strings from the CLI
 
 
+def test_experiment_configs_take_every_eval_field_from_the_command_line():
+    """The None defaults are typed stand-ins in experiments/default.py, so each field has a
+    type the CLI can override, and they resolve like None."""
+    from experiments import default
+
+    config = default.get_config()
+    assert {k: type(v) for k, v in config.eval.items() if k in ("seed", "guidance_scale", "guidance_sampler")} == {
+        "seed": int, "guidance_scale": float, "guidance_sampler": str}
+    config.seed, config.sample.guidance_scale, config.sample.method = 5, 2.5, "heun"
+    s = settings.eval_settings(config)
+    assert (s["seed"], s["guidance_scale"], s["guidance_sampler"]) == (5, 2.5, "heun")
+    config.eval.guidance_sampler = "euler"  # what --config.eval.guidance_sampler=euler does
+    assert settings.eval_settings(config)["guidance_sampler"] == "euler"
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("parts", ("bpd", "fid"), "eval.parts"),
     ("samplers", ("rk45",), "eval.samplers"),
