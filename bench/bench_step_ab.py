@@ -1,6 +1,6 @@
 """Same-run A/B of the jitted train step between two checkouts of this repository.
 
-    python bench/bench_step_ab.py OLD_REPO NEW_REPO [--config experiments/mnist.py] [--rounds 4] [--steps 8]
+    python bench/bench_step_ab.py OLD_REPO NEW_REPO [--config experiments/mnist_ddpm.py] [--rounds 4] [--steps 8]
 
 Each round runs one subprocess per checkout, alternating A and B, each timing --steps train
 steps (after a warm-up step) of the config's model at its batch size on its default process;
@@ -60,13 +60,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("old")
     p.add_argument("new")
-    p.add_argument("--config", default="experiments/mnist.py")
+    p.add_argument("--config", default="experiments/mnist_ddpm.py")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     a = p.parse_args()
     ratios = []
     for r in range(a.rounds):
-        old, new = run(a.old, a.config, a.steps), run(a.new, a.config, a.steps)
+        cfg = os.path.join(os.path.abspath(a.new), a.config)  # NEW's file: OLD may predate it
+        old, new = run(a.old, cfg, a.steps), run(a.new, cfg, a.steps)
         ratios.append(new / old)
         print(f"round {r}: old {1e3 * old:.1f} ms, new {1e3 * new:.1f} ms, new/old {new / old:.3f}", flush=True)
     print(f"median new/old over {a.rounds} rounds: {statistics.median(ratios):.3f}")

@@ -10,16 +10,16 @@ import sys
 import pytest
 
 from diffusion_jax.train import config as config_lib
-from experiments import mnist_edm, mnist_flow, smoke
+from experiments import mnist, mnist_flow, smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_edm_and_flow_experiments_use_the_mnist_network():
-    base, edm, flow = smoke.get_config(), mnist_edm.get_config(), mnist_flow.get_config()
-    from experiments import mnist
+    base, edm, flow = smoke.get_config(), mnist.get_config(), mnist_flow.get_config()
+    from experiments import mnist_ddpm
 
-    assert edm.model == mnist.get_config().model == flow.model
+    assert edm.model == flow.model and mnist_ddpm.get_config().diffusion.process == "ddpm"
     assert (edm.diffusion.process, edm.diffusion.prediction, edm.sample.method) == ("edm", "edm", "dpm_solver_pp")
     assert (flow.diffusion.process, flow.diffusion.prediction, flow.sample.method) == ("flow", "velocity", "euler")
     for config in (edm, flow):
