@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from experiments import cifar10, default, fashion_mnist, mnist, mnist_dit, smoke  # noqa: E402
+from experiments import cifar10, default, fashion_mnist, mnist, mnist_ddpm, mnist_dit, smoke  # noqa: E402
 
 from diffusion_jax.train import checkpoints, config as config_lib  # noqa: E402
 from diffusion_jax.images import tile as make_grid, to_uint8  # noqa: E402
@@ -22,7 +22,7 @@ from diffusion_jax.train.state import ema_decay_at, ema_update, make_learning_ra
 from diffusion_jax.data.synthetic import SyntheticIterator  # noqa: E402
 
 
-@pytest.mark.parametrize("module", [smoke, mnist, mnist_dit, fashion_mnist, cifar10])
+@pytest.mark.parametrize("module", [smoke, mnist, mnist_ddpm, mnist_dit, fashion_mnist, cifar10])
 def test_experiment_configs_validate(module):
     config = module.get_config()
     config_lib.validate(config, num_devices=1)
@@ -30,10 +30,12 @@ def test_experiment_configs_validate(module):
 
 
 def test_mnist_and_cifar10_are_what_they_claim():
-    m = mnist.get_config()
-    assert (m.model.name, m.model.num_classes, m.diffusion.prediction, m.diffusion.schedule) == (
-        "unet", 10, "eps", "linear")
-    assert m.training.cond_drop_prob > 0
+    m, d = mnist.get_config(), mnist_ddpm.get_config()
+    assert (m.model.name, m.model.num_classes, m.diffusion.process, m.diffusion.prediction) == (
+        "unet", 10, "edm", "edm")
+    assert (d.model.name, d.diffusion.process, d.diffusion.prediction, d.diffusion.schedule) == (
+        "unet", "ddpm", "eps", "linear")
+    assert m.training.cond_drop_prob > 0 and d.training.cond_drop_prob > 0
     c = cifar10.get_config().training
     assert (c.batch_size, c.learning_rate, c.warmup_steps, c.grad_clip_norm, c.ema_decay, c.num_steps) == (
         128, 2e-4, 5000, 1.0, 0.9999, 800_000)
