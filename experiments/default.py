@@ -8,7 +8,7 @@ its fields are documented there (diffusion_jax/models/__init__.py).
 import ml_collections
 
 from diffusion_jax import models, processes, samplers
-from diffusion_jax.evaluation.settings import EVAL_DEFAULTS
+from diffusion_jax.evaluation.settings import EVAL_DEFAULTS, STAND_INS
 
 
 def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
@@ -92,11 +92,10 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
 
     # --- evaluation (--mode eval): every knob of diffusion_jax.evaluation.settings.EVAL_DEFAULTS,
     # documented there (None = taken from config.seed / config.sample) --------------
-    # The None defaults are stored as their typed stand-ins (-1, -1.0, ""), which mean the same,
-    # so that the command line can override them (`--config.eval.guidance_sampler=heun`).
-    stand_in = {"seed": -1, "guidance_scale": -1.0, "guidance_sampler": ""}
+    # The None defaults are stored as their typed stand-ins (settings.STAND_INS), which mean the
+    # same, so that the command line can override them (`--config.eval.guidance_sampler=heun`).
     config.eval = ml_collections.ConfigDict(
-        {k: stand_in[k] if v is None else v for k, v in EVAL_DEFAULTS.items()})
+        {k: STAND_INS[k] if v is None else v for k, v in EVAL_DEFAULTS.items()})
 
     # --- multi-host -----------------------------------------------------------
     config.parallel = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ import pytest
 
 os.environ.setdefault("DIFFUSION_JAX_OPS", "fast")
 
+
 def _run_dir(tmp_path_factory):
     """This pytest run's temporary root: under xdist, the folder its workers' basetemps share."""
     base = tmp_path_factory.getbasetemp()

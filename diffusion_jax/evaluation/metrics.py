@@ -143,21 +143,22 @@ def inception_score(probs, *, num_splits: int = 1) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def conditional_accuracy(probs, labels) -> float:
-    """Fraction of samples whose arg-max class equals the label they were generated for."""
+def _hits(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(bool [n]: arg-max class == label, labels [n]) after checking the shapes."""
     p = np.asarray(probs)
     labels = np.asarray(labels)
     if p.ndim != 2 or labels.shape != (p.shape[0],):
         raise ValueError(f"need probs [n, classes] and labels [n], got {p.shape} and {labels.shape}")
-    return float(np.mean(np.argmax(p, axis=1) == labels))
+    return np.argmax(p, axis=1) == labels, labels
+
+
+def conditional_accuracy(probs, labels) -> float:
+    """Fraction of samples whose arg-max class equals the label they were generated for."""
+    return float(np.mean(_hits(probs, labels)[0]))
 
 
 def conditional_accuracy_per_class(probs, labels, num_classes: int) -> list[float | None]:
     """conditional_accuracy over the samples generated for each class 0 .. num_classes-1
     (None for a class with no samples), so one weak class is not averaged away."""
-    p = np.asarray(probs)
-    labels = np.asarray(labels)
-    if p.ndim != 2 or labels.shape != (p.shape[0],):
-        raise ValueError(f"need probs [n, classes] and labels [n], got {p.shape} and {labels.shape}")
-    hit = np.argmax(p, axis=1) == labels
+    hit, labels = _hits(probs, labels)
     return [float(np.mean(hit[labels == c])) if np.any(labels == c) else None for c in range(num_classes)]

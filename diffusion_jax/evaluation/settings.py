@@ -43,6 +43,11 @@ EVAL_DEFAULTS = {
 
 PARTS = ("bpd", "quality", "pictures")
 
+# The typed stand-in of each None default: what experiments/default.py stores in config.eval
+# (a ConfigDict field's type is fixed, and the command line cannot override a None field).
+# eval_settings reads a stand-in exactly as None.
+STAND_INS = {"seed": -1, "guidance_scale": -1.0, "guidance_sampler": ""}
+
 
 def eval_settings(config: Any) -> dict:
     """config.eval merged over EVAL_DEFAULTS, with the None defaults resolved and checked."""
@@ -50,11 +55,12 @@ def eval_settings(config: Any) -> dict:
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
     s = {k: given.get(k, v) for k, v in EVAL_DEFAULTS.items()}
     sample = config.get("sample", None) or {}
-    if s["seed"] is None or s["seed"] == -1:
+    unset = {k for k, v in STAND_INS.items() if s[k] is None or s[k] == v}
+    if "seed" in unset:
         s["seed"] = int(config.get("seed", 0))
-    if s["guidance_scale"] is None or s["guidance_scale"] == -1:
+    if "guidance_scale" in unset:
         s["guidance_scale"] = float(sample.get("guidance_scale", 0.0))
-    if not s["guidance_sampler"]:
+    if "guidance_sampler" in unset:
         s["guidance_sampler"] = str(sample.get("method", "ddim"))
     for field in ("parts", "samplers", "steps", "guidance_scales"):
         value = s[field]
