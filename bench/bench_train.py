@@ -53,7 +53,7 @@ def main(argv):
     mesh = parallel.make_mesh()
     repl = parallel.replicated_sharding(mesh)
     model = models.create(config.model)
-    schedule = sampling.make_schedule(config)
+    process = sampling.make_process(config)  # any process (ddpm, vp, edm, flow)
     tx, lr = make_optimizer(config.training)
     state = jax.jit(lambda k: create_train_state(model, config.model, tx, k),
                     out_shardings=repl)(jax.random.PRNGKey(0))
@@ -64,14 +64,14 @@ def main(argv):
         "label": rng.integers(0, max(mc.num_classes, 1), b).astype(np.int32)})
     key = parallel.replicate_array(mesh, jax.random.PRNGKey(1))
 
-    step = jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh)
+    step = jit_train_step(make_train_step(config, model, process, tx, lr), mesh)
     t = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
     # FLOPs of the same step with the reference ops, from a fresh step function (bench/flops.py).
     kernels = ops.selected()
     flops = reference_flops(
-        lambda: jit_train_step(make_train_step(config, model, schedule, tx, lr), mesh).lower(state, batch, key))
+        lambda: jit_train_step(make_train_step(config, model, process, tx, lr), mesh).lower(state, batch, key))
 
     peak_now = matmul_timer(FLAGS.matmul_size)
     state, m = compiled(state, batch, key)  # warm-up
