@@ -84,6 +84,9 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
         if field not in config.sample:
             config.sample[field] = value
     config.sample.guidance_scale = 2.0  # classifier-free guidance w >= 0 ((1+w) cond - w uncond); 0 = none
+    # guide only where the noise level sigma = s(t) / a(t) lies in (lo, hi] (Kynkaenniemi et al.
+    # 2024, "Applying guidance in a limited interval"); () = at every step
+    config.sample.guidance_interval = ()
     config.sample.clip_x0 = 1.0  # clip predicted x0 to [-c, c]; 0 = no clipping
     config.sample.grid_per_class = 8  # training grids: images per class row (conditional) / grid side**2 / 8 (unconditional)
     config.sample.num_images = 64  # --mode sample: images to draw, >= 1

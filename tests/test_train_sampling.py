@@ -49,3 +49,40 @@ def test_non_finite_images_are_not_written(tmp_path, monkeypatch):
                                          r"\(config\.sample: .*\); nothing written"):
         sampling.run_sample_mode(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "samples")
+
+
+def test_guidance_interval_guides_only_inside_it():
+    """With sample.guidance_interval = (lo, hi), the denoiser's network output is
+    (1 + w) out(x, c) - w out(x, null) where sigma(t) = sqrt((1 - abar_t) / abar_t) lies in
+    (lo, hi], and out(x, c) elsewhere; per example, sigma from the linear schedule in float64."""
+    config = smoke.get_config()  # ddpm, linear betas, T = num_timesteps
+    config.sample.guidance_interval = (0.5, 2.0)
+    model = models.create(config.model)
+    params = model.init({"params": jax.random.PRNGKey(0)}, *dummy_inputs(config.model), train=False)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    T = int(config.diffusion.num_timesteps)
+    kw = config.diffusion.schedule_kwargs
+    betas = np.linspace(kw.beta_start, kw.beta_end, T, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    sigma = np.sqrt((1 - abar) / abar)
+    t = np.asarray([0, np.argmax(sigma > 0.5), np.argmax(sigma > 1.0), np.argmax(sigma > 2.0), T - 1], np.int32)
+    inside = (sigma[t] > 0.5) & (sigma[t] <= 2.0)
+    assert inside.any() and (~inside).any()
+    b, w = len(t), 2.0
+    x = jax.random.normal(jax.random.PRNGKey(2), (b, 8, 8, 1))
+    labels = np.asarray([0, 1, 2, 1, 0], np.int32)
+    out = sampling.make_denoiser(config, params, labels, w)(x, t).out
+    cond = model.apply({"params": params}, x, t, labels)
+    null = model.apply({"params": params}, x, t, models.null_cond(config.model, b))
+    want = np.where(inside[:, None, None, None], (1 + w) * cond - w * null, cond)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(cond - null)).max() > 1e-3  # the two branches differ
+
+
+@pytest.mark.parametrize("interval", [(1.0,), (2.0, 1.0), (-0.1, 1.0), (0.0, float("inf")), ("a", 1.0)])
+def test_bad_guidance_intervals_are_refused(interval):
+    from diffusion_jax.train import config as config_lib
+    config = smoke.get_config()
+    config.sample.guidance_interval = interval
+    with pytest.raises(ValueError, match=r"^config\.sample\.guidance_interval must be \(\) or \(lo, hi\)"):
+        config_lib.validate(config)

@@ -93,6 +93,7 @@ def guided_denoise_fn(
         )
         out_c, out_u = out[:b], out[b:]
         w = jnp.asarray(guidance_scale, out.dtype)
+        w = w.reshape(w.shape + (1,) * (out.ndim - w.ndim)) if w.ndim else w  # per example [B]
         ch = x_t.shape[-1]  # learn_sigma: guide the first C channels only
         guided = (1 + w) * out_c[..., :ch] - w * out_u[..., :ch]
         return jnp.concatenate([guided, out_c[..., ch:]], axis=-1)

@@ -139,6 +139,12 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         raise ValueError(f"config.sample.{e}") from None
     _in_range(config, "sample.guidance_scale", 0, None)
     _in_range(config, "sample.clip_x0", 0, None)
+    interval = tuple(config.sample.get("guidance_interval", ()))
+    if interval and not (len(interval) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in interval)
+            and 0 <= interval[0] < interval[1]):
+        raise _fail("sample.guidance_interval", "() or (lo, hi) noise levels with 0 <= lo < hi < inf",
+                    config.sample.guidance_interval)
     _in_range(config, "sample.grid_per_class", 1, None, integer=True)
     _in_range(config, "sample.num_images", 1, None, integer=True)
     _in_range(config, "sample.batch_size", 1, None, integer=True)

@@ -43,10 +43,25 @@ def clip_bound(config: Any) -> float | None:
 
 def make_denoiser(config: Any, params: Any, cond: Any = None, guidance_scale: Any = 0.0,
                   process: Any = None) -> Callable:
-    """`samplers.denoiser` of the experiment's network: (x_t, t) -> Prediction(x0, eps, out)."""
+    """`samplers.denoiser` of the experiment's network: (x_t, t) -> Prediction(x0, eps, out).
+
+    With config.sample.guidance_interval = (lo, hi) the guidance scale is w where the noise
+    level sigma(t) = s(t) / a(t) lies in (lo, hi] and 0 elsewhere (Kynkaenniemi et al. 2024)."""
     process = make_process(config) if process is None else process
-    return samplers.denoiser(make_denoise_fn(config, params, cond, guidance_scale), process,
-                             config.diffusion.prediction, clip_bound(config))
+    prediction, clip = config.diffusion.prediction, clip_bound(config)
+    interval = tuple(config.sample.get("guidance_interval", ()))
+    plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 0
+    if not interval or plain or cond is None:
+        return samplers.denoiser(make_denoise_fn(config, params, cond, guidance_scale), process,
+                                 prediction, clip)
+    lo, hi = (float(v) for v in interval)
+
+    def denoise(x, t):
+        a, s = process.alpha_sigma(jnp.asarray(t))
+        w = jnp.where((s / a > lo) & (s / a <= hi), jnp.asarray(guidance_scale, jnp.float32), 0.0)
+        return samplers.denoiser(make_denoise_fn(config, params, cond, w), process, prediction, clip)(x, t)
+
+    return denoise
 
 
 def make_denoise_fn(config: Any, params: Any, cond: Any = None,
