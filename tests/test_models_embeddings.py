@@ -24,3 +24,25 @@ def test_timestep_embedding_matches_numpy_formula():
                 ref[n, i] = math.sin(tt * w)
                 ref[n, half + i] = math.cos(tt * w)
         np.testing.assert_allclose(np.asarray(timestep_embedding(jnp.asarray(t), dim)), ref, atol=2e-4)
+
+
+def test_label_table_is_drawn_with_label_init_std():
+    """model.label_init_std reaches the label table of both networks: the sample std of its
+    (num_classes + 1) x features entries is within 10% of the setting (a few % spread at n >= 2,000)."""
+    import jax
+    import pytest
+
+    from diffusion_jax import models
+    from diffusion_jax.train.state import dummy_inputs
+
+    for name in ("unet", "dit"):
+        for std in (0.02, 1.0):
+            c = models.default_config(name)
+            c.num_classes, c.label_init_std = 10, std
+            params = models.create(c).init({"params": jax.random.PRNGKey(0)}, *dummy_inputs(c), train=False)["params"]
+            table = np.asarray(params["embed"]["cond"]["label_table"]["embedding"])
+            assert table.size >= 2000 and abs(table.std() / std - 1) < 0.1, (name, std, table.std())
+    c = models.default_config("unet")
+    c.label_init_std = -1.0
+    with pytest.raises(ValueError, match="label_init_std"):
+        models.create(c)

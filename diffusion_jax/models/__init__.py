@@ -35,6 +35,7 @@ def _common(name: str) -> ml_collections.ConfigDict:
     c.num_classes = 0  # class-conditional with labels in [0, num_classes); label num_classes = null; 0 = no labels
     c.cond_dim = 0  # width of precomputed text embeddings [B, cond_dim]; zeros = null; 0 = none
     c.cond_combine = "add"  # how the condition meets the time embedding: "add" | "concat" (concat then Dense back)
+    c.label_init_std = 0.02  # std of the label table's normal init (DiT: 0.02; ADM / torch nn.Embedding: 1)
     c.learn_sigma = False  # bool; True doubles the output channels (learned variance, hybrid loss)
     c.dropout = 0.1  # probability in [0, 1), active only with train=True
     c.dtype = "float32"  # compute dtype "float32" | "bfloat16"; parameters always float32
@@ -132,6 +133,9 @@ def validate(config: Any) -> dict:
         raise _err("cond_dim", "set either num_classes (labels) or cond_dim (text vectors), not both")
     if c["cond_combine"] not in COND_COMBINES:
         raise _err("cond_combine", f"must be one of {COND_COMBINES}, got {c['cond_combine']!r}")
+    v = c["label_init_std"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+        raise _err("label_init_std", f"must be a number >= 0, got {v!r}")
     if c["dtype"] not in DTYPES:
         raise _err("dtype", f"must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
     if not isinstance(c["learn_sigma"], bool):

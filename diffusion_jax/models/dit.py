@@ -104,6 +104,7 @@ class DiT(nn.Module):
     num_classes: int = 0
     cond_dim: int = 0
     cond_combine: str = "add"
+    label_init_std: float = 0.02
     learn_sigma: bool = False
     dtype: Any = "float32"
 
@@ -122,7 +123,8 @@ class DiT(nn.Module):
         if hh % p or ww % p or hh != ww:
             raise ValueError(f"DiT: image {hh}x{ww} must be square and divisible by patch_size={p}")
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
-        c = Embedding(d, self.freq_dim, self.num_classes, self.cond_dim, self.cond_combine, dtype, name="embed")(t, cond)
+        c = Embedding(d, self.freq_dim, self.num_classes, self.cond_dim, self.cond_combine, dtype,
+                      self.label_init_std, name="embed")(t, cond)
 
         g = hh // p
         tokens = Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed")(x.astype(dtype))

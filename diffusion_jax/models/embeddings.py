@@ -62,7 +62,8 @@ class ConditionEmbedding(nn.Module):
 
     * Class labels (num_classes > 0): int [B] in [0, num_classes]; a table of
       num_classes + 1 rows, the last row (index num_classes) being the learned
-      "null" label used for classifier-free guidance (Ho & Salimans 2022).
+      "null" label used for classifier-free guidance (Ho & Salimans 2022), drawn
+      from N(0, label_init_std^2).
     * Text vectors (cond_dim > 0): float [B, cond_dim] -> Dense(features). The
       null condition is the all-zeros vector (so its embedding is the
       projection's bias alone).
@@ -72,6 +73,7 @@ class ConditionEmbedding(nn.Module):
     num_classes: int = 0
     cond_dim: int = 0
     dtype: Any = jnp.float32
+    label_init_std: float = 0.02
 
     @nn.compact
     def __call__(self, cond: jax.Array) -> jax.Array:
@@ -79,7 +81,7 @@ class ConditionEmbedding(nn.Module):
             table = nn.Embed(
                 self.num_classes + 1,
                 self.features,
-                embedding_init=nn.initializers.normal(0.02),
+                embedding_init=nn.initializers.normal(self.label_init_std),
                 param_dtype=jnp.float32,
                 name="label_table",
             )
@@ -132,6 +134,7 @@ class Embedding(nn.Module):
     cond_dim: int = 0
     cond_combine: str = "add"
     dtype: Any = jnp.float32
+    label_init_std: float = 0.02
 
     @nn.compact
     def __call__(self, t: jax.Array, cond: jax.Array | None) -> jax.Array:
@@ -146,7 +149,7 @@ class Embedding(nn.Module):
         if cond is None:
             cond = null_cond({"num_classes": self.num_classes, "cond_dim": self.cond_dim}, temb.shape[0])
         cemb = ConditionEmbedding(
-            self.features, self.num_classes, self.cond_dim, self.dtype, name="cond"
+            self.features, self.num_classes, self.cond_dim, self.dtype, self.label_init_std, name="cond"
         )(cond)
         if self.cond_combine == "add":
             return temb + cemb

@@ -133,6 +133,7 @@ class UNet(nn.Module):
     num_classes: int = 0
     cond_dim: int = 0
     cond_combine: str = "add"
+    label_init_std: float = 0.02
     learn_sigma: bool = False
     dtype: Any = "float32"
 
@@ -155,6 +156,7 @@ class UNet(nn.Module):
             self.cond_dim,
             self.cond_combine,
             dtype,
+            self.label_init_std,
             name="embed",
         )(t, cond)
 

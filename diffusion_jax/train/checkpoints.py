@@ -45,6 +45,7 @@ RESUMABLE_FIELDS = (
     "training.log_every_steps", "training.checkpoint_every_steps", "training.sample_every_steps",
     "training.keep_checkpoints", "training.async_checkpointing", "training.progress_bar",
     "model.dropout", "model.dtype",  # do not change the parameter tree
+    "model.label_init_std",  # used at initialisation only
 )
 OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
 _INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
