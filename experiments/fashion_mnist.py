@@ -11,5 +11,4 @@ def get_config():
     config.experiment = "fashion_mnist"
     config.data.dataset = "fashion_mnist"
     config.data.random_flip = True  # bool; clothes are left-right symmetric enough
-    config.training.num_steps = 4800  # ~2x the digits' run
     return config
