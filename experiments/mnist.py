@@ -3,14 +3,16 @@ README's main job.
 
 The UNet of experiments/mnist_ddpm.py (0.72M parameters: widths 16 / 32 / 64 at
 28 / 14 / 7 pixels, attention at 7x7), with the embedding applied as a GroupNorm scale and
-shift (ADM, Dhariwal & Nichol 2021), preconditioned by EDM's Table 1 (sigma_data = 0.5,
-ln sigma ~ N(-1.2, 1.2^2), loss weight 1 on F); Adam at 2e-3 with a cosine decay, EMA 0.999;
-labels dropped with probability 0.1 for classifier-free guidance. Samples: DPM-Solver++(2M),
-20 steps = 20 network calls, guidance w = 1.
+shift (ADM, Dhariwal & Nichol 2021) and the label table drawn from N(0, 1), preconditioned
+by EDM's Table 1 (sigma_data = 0.5, ln sigma ~ N(-1.2, 1.2^2), loss weight 1 on F); Adam at
+2e-3 with a cosine decay, EMA with warm-up; labels dropped with probability 0.1 for
+classifier-free guidance. Samples: DPM-Solver++(2M), 20 steps = 20 network calls, w = 0.5.
 
-What it reaches, and in how long on which machine, is in docs/results_mnist.md (the recipe
-ablation); the issue's target (conditional accuracy >= 0.97, classifier-FD <= 2x the
-train-vs-test floor in 20 minutes on 2 cores) is not met yet.
+What it reaches (docs/results_mnist.md; 2026-12-01, the project's 2-core AMD EPYC VM, from a
+fresh clone): 18 min 25 s wall for the main command (MNIST preparation, kernel build,
+2,800 steps at about 2.7 steps/s, grids), then conditional accuracy 0.989 (worst class
+0.97) and classifier-FD 0.559 = 1.76x the train-vs-test floor at 1,000 samples, scored by
+the project's classifier.
 """
 
 from experiments import mnist_ddpm
