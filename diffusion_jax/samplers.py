@@ -236,17 +236,19 @@ def _prior_start(n):
 
 def _cosine_half(process, n, rho):
     """DDIM's grid: theta = arctan(sigma / sigma_data) (sigma_data = 0.5) in uniform steps from
-    theta(sigma_top) with the final jump to clean data half a step (`_half_step_angles`, never
-    ending below sigma_min). For Gaussian data of std c = sigma_data this is Euler's best grid:
-    a DDIM step from theta to theta' scales the data's spread by cos(theta - theta'), exactly.
-    sigma_top: on a variance-preserving process (ddpm, vp), whose prior N(0, I) is the law of
-    x_t for unit-variance data at every t, min(sigma_max, cot(pi / 4N)) (`_prior_start`;
-    the DDIM paper's "leading" grid starts a whole such step down: t = 900 of 1000 at N = 10);
-    elsewhere sigma_max, at t_max."""
+    theta(sigma_top), the final jump to clean data half a step (`_half_step_angles`, never
+    ending below sigma_min). A DDIM step from theta to theta' scales the spread of Gaussian
+    data of std sigma_data by cos(theta - theta'), exactly, so from a given start equal steps
+    down to theta = 0 are Euler's best grid for such data; the half last step spares sharper
+    data. sigma_top: on a variance-preserving process (ddpm, vp), whose prior N(0, I) is the
+    law of x_t for unit-variance data at every t, min(sigma_max, cot(pi / 4N))
+    (`_prior_start`; on the cosine schedule diffusers' "leading" grid starts about a whole
+    such step down, t = 900 of 1000 at N = 10); elsewhere sigma_max, at t_max."""
     lo, hi = process.sigma_range()
     top = min(hi, _prior_start(n)) if process.variance_preserving else hi
     k = _ARCTAN_SCALE
-    ts = np.array(process.times_for_sigmas(k * np.tan(_half_step_angles(math.atan(top / k), math.atan(lo / k), n))))
+    theta = _half_step_angles(math.atan(top / k), math.atan(lo / k), n)
+    ts = np.array(process.times_for_sigmas(k * np.tan(theta)))
     if top >= hi:
         ts[0] = process.t_max
     elif process.discrete:  # the nearest step to sigma_top, then strictly below it
