@@ -81,10 +81,11 @@ class DDPM:
     t is an integer in [0, T) (step t + 1 of the 1-based papers, see `schedules`), t = -1 is
     clean data. variance: the ancestral step's sigma_t^2 ("small" posterior, "large" beta_t
     or "learned_range"; `diffusion.p_mean_variance`). sigma_min and sigma_max bound the noise
-    levels that sigma-spaced sampling grids visit after their first point t = T - 1 (80: EDM's
-    sigma_max for data in [-1, 1], above which the data prediction hardly changes; 0.02: below
-    it the last jump to clean data changes data of scale c by a factor c / sqrt(c^2 + 0.02^2),
-    under 1% for c >= 0.15, chosen on the oracles of bench/bench_samplers.py).
+    levels that sigma-spaced sampling grids visit after their first point t = T - 1 (DDIM's
+    "cosine_half" starts lower; samplers.py). 80: EDM's sigma_max for data in [-1, 1], above
+    which the data prediction hardly changes; 0.02: below it the last jump to clean data
+    changes data of scale c by a factor c / sqrt(c^2 + 0.02^2), under 1% for c >= 0.15,
+    chosen on the oracles of bench/bench_samplers.py.
     The network sees (x_t, t) unchanged.
     """
 

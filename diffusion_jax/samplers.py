@@ -205,13 +205,56 @@ def _logsnr(lo, hi, n, rho):
     return np.concatenate([[hi], np.exp(np.linspace(math.log(top), math.log(lo), n - 1))])
 
 
+# The data scale of the arctan grids ("cosine", "cosine_half"): EDM's sigma_data for [-1, 1].
+_ARCTAN_SCALE = 0.5
+
+
 def _cosine(lo, hi, n, rho):
     """sigma = tan(theta) / 2, theta uniform: uniform in arctan(sigma / sigma_data) with
     sigma_data = 0.5, the time-uniform grid of a cosine schedule (log-SNR -2 log tan(pi t / 2),
     Nichol & Dhariwal 2021) for data of that scale; where Euler's local error
     ~ sigma_data^2 / (sigma_data^2 + sigma^2)^(3/2) is spread evenly, nearly."""
-    k = 0.5
+    k = _ARCTAN_SCALE
     return k * np.tan(np.linspace(math.atan(hi / k), math.atan(lo / k), n))
+
+
+def _half_step_angles(top, bottom, n):
+    """theta_i = top - i d (i < n), d = min(top / (n - 1/2), (top - bottom) / (n - 1)): uniform
+    steps whose last call sits half a step above clean data (theta = 0), or at `bottom` when
+    that is higher (many steps)."""
+    if n == 1:
+        return np.array([top])
+    d = min(top / (n - 0.5), (top - bottom) / (n - 1))
+    return top - d * np.arange(n)
+
+
+def _prior_start(n):
+    """sigma = cot(pi / 4n): on a variance-preserving process (a = cos phi, s = sin phi,
+    sigma = tan phi) half the top step of n steps uniform in phi below pure noise."""
+    return 1.0 / math.tan(math.pi / (4 * n))
+
+
+def _cosine_half(process, n, rho):
+    """DDIM's grid: theta = arctan(sigma / sigma_data) (sigma_data = 0.5) in uniform steps from
+    theta(sigma_top), the final jump to clean data half a step (`_half_step_angles`, never
+    ending below sigma_min). A DDIM step from theta to theta' scales the spread of Gaussian
+    data of std sigma_data by cos(theta - theta'), exactly, so from a given start equal steps
+    down to theta = 0 are Euler's best grid for such data; the half last step spares sharper
+    data. sigma_top: on a variance-preserving process (ddpm, vp), whose prior N(0, I) is the
+    law of x_t for unit-variance data at every t, min(sigma_max, cot(pi / 4N))
+    (`_prior_start`; on the cosine schedule diffusers' "leading" grid starts about a whole
+    such step down, t = 900 of 1000 at N = 10); elsewhere sigma_max, at t_max."""
+    lo, hi = process.sigma_range()
+    top = min(hi, _prior_start(n)) if process.variance_preserving else hi
+    k = _ARCTAN_SCALE
+    theta = _half_step_angles(math.atan(top / k), math.atan(lo / k), n)
+    ts = np.array(process.times_for_sigmas(k * np.tan(theta)))
+    if top >= hi:
+        ts[0] = process.t_max
+    elif process.discrete:  # the nearest step to sigma_top, then strictly below it
+        t0 = max(int(process.t_of_sigma(np.array(top))), n - 1)
+        ts = np.minimum(ts, t0 - np.arange(n))
+    return ts
 
 
 def _linear(process, n, rho):
@@ -242,6 +285,7 @@ GRIDS: dict[str, Callable] = {
     "rho": _sigma_spaced(_rho),
     "logsnr": _sigma_spaced(_logsnr),
     "cosine": _sigma_spaced(_cosine),
+    "cosine_half": _cosine_half,
     "linear": _linear,
     "trailing": _trailing,
     "leading": _leading,
@@ -251,8 +295,11 @@ GRIDS: dict[str, Callable] = {
 def time_grid(process, num_steps: int, grid: str = "rho", rho: float = 7.0) -> np.ndarray:
     """Decreasing times t_0 = t_max > ... > t_{N-1} of the N network calls, then t_N = t_clean
     (numpy, [N + 1]; int32 for DDPM). Grids: "rho" (EDM, eq. 5), "logsnr" (uniform half
-    log-SNR), both on the process's [sigma_min, sigma_max]; "linear" (uniform t down to the
-    time of sigma_min), "trailing" (uniform t ending on clean data), "leading" (DDPM only)."""
+    log-SNR), "cosine" (uniform arctan(sigma / 0.5)), all on the process's [sigma_min,
+    sigma_max]; "cosine_half" (`_cosine_half`: arctan steps, half a step into clean data, on VP
+    processes from sigma = cot(pi / 4N)); "linear" (uniform t down to the time of sigma_min),
+    "trailing" (uniform t ending on clean data), "leading" (DDPM only). t_0 = t_max except
+    for "cosine_half" on VP processes."""
     _check("grid", grid, GRIDS)
     limit = process.num_timesteps if process.discrete else math.inf
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= limit:
@@ -360,7 +407,7 @@ class DDIM(Sampler):
     eta: float = 0.0
 
     name: ClassVar[str] = "ddim"
-    default_grid: ClassVar[str] = "cosine"  # beats diffusers' DDIM grid on the oracles (docs/samplers.md)
+    default_grid: ClassVar[str] = "cosine_half"  # beats diffusers' DDIM grid on the oracles (docs/samplers.md)
 
     def __post_init__(self):
         super().__post_init__()
@@ -392,7 +439,7 @@ class Euler(Sampler):
     x_{i+1} = a_{i+1} x0_hat + s_{i+1} eps_hat, DDIM with eta = 0."""
 
     name: ClassVar[str] = "euler"
-    default_grid: ClassVar[str] = "cosine"
+    default_grid: ClassVar[str] = "cosine_half"  # DDIM's: the same sampler
 
     def _run(self, denoise, process, x, key, ts, keep):
         return DDIM(eta=0.0)._run(denoise, process, x, None, ts, keep)

@@ -76,7 +76,7 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict()
     config.sample.method = "ddim"  # a name in diffusion_jax.samplers.NAMES
     config.sample.num_steps = 50  # sampler steps N >= 1 (ddpm: <= num_timesteps); NFE = N (heun, edm_sde: 2N - 1)
-    config.sample.grid = ""  # time grid: "" = the sampler's default | rho | logsnr | cosine | linear | trailing | leading (ddpm)
+    config.sample.grid = ""  # time grid: "" = the sampler's default | rho | logsnr | cosine | cosine_half | linear | trailing | leading (ddpm)
     config.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic)
     # the other samplers' settings, named as their dataclass fields in diffusion_jax/samplers.py
     # (rho of the "rho" grid; edm_sde's s_churn, s_noise, s_tmin, s_tmax)
