@@ -5,7 +5,7 @@
 Prints seconds to compile (after lowering) each of: the network forward; value_and_grad of
 an MSE through it; that plus the optimiser update, the EMA, the finite check and the select
 that keeps the old state ("pieces"), selecting with a jnp.where per leaf and with one lax.cond
-(the where took XLA ~100 s on this UNet, the cond ~8 s); and the real step (`train.step.make_train_step`) under
+(the where took XLA ~107 s on this UNet, the cond ~8 s); and the real step (`train.step.make_train_step`) under
 a plain jax.jit and under `jit_train_step` (shardings and donation), as the trainer runs it.
 The batch size barely matters to compile time; a small one keeps the run short.
 """
@@ -62,23 +62,21 @@ def main() -> None:
     def loss(params, x, t, c):
         return jnp.mean(model.apply({"params": params}, x, t, c, train=True) ** 2)
 
-    def pieces(state, x, t, c):
+    def update(state, x, t, c):  # grad, optimiser, EMA and the finite check, before the select
         value, grads = jax.value_and_grad(loss)(state.params, x, t, c)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, 0.999)
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves((params, ema))]))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        return value, keep(params, state.params), keep(opt_state, state.opt_state), keep(ema, state.ema_params)
+        return value, finite, (params, opt_state, ema), (state.params, state.opt_state, state.ema_params)
+
+    def pieces(state, x, t, c):  # keeps the old state with a jnp.where per leaf
+        value, finite, new, old = update(state, x, t, c)
+        return value, jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
     def pieces_cond(state, x, t, c):  # the same, selecting with one lax.cond (what step.py does)
-        value, grads = jax.value_and_grad(loss)(state.params, x, t, c)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, 0.999)
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves((params, ema))]))
-        return value, jax.lax.cond(finite, lambda: (params, opt_state, ema),
-                                   lambda: (state.params, state.opt_state, state.ema_params))
+        value, finite, new, old = update(state, x, t, c)
+        return value, jax.lax.cond(finite, lambda: new, lambda: old)
 
     mesh = parallel.make_mesh()
     raw = make_train_step(config, model, sampling.make_process(config), tx, lr)
