@@ -77,3 +77,31 @@ def test_sweep_rows_hold_samplers_to_equal_network_evaluations():
     assert got == {("ddim", 9): (9, 9), ("ddim", 20): (20, 20), ("heun", 9): (5, 9), ("heun", 20): (10, 19),
                    ("edm_sde", 9): (5, 9), ("edm_sde", 20): (10, 19), ("dpm_solver_pp_3m", 9): (9, 9),
                    ("dpm_solver_pp_3m", 20): (20, 20)}
+
+
+def test_bits_per_dim_of_a_continuous_process_comes_from_the_ode(tmp_path):
+    """On an EDM config the bpd part runs the probability-flow ODE (not skipped, as it was
+    before there was one), counts its calls per image, and summary.md says which it ran."""
+    from diffusion_jax import evaluation, models
+    from diffusion_jax.evaluation import report, runner
+    from diffusion_jax.evaluation.settings import eval_settings
+    from experiments import smoke
+
+    config = smoke.get_config()
+    with config.unlocked():
+        config.diffusion.process, config.diffusion.prediction = "edm", "edm"
+        config.eval.update(bpd_num_images=4, bpd_batch_size=4, bpd_ode_steps=2, bpd_ode_solver="heun")
+    model = models.create(config.model)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1,), jnp.int32))["params"]
+    test_images = evaluation.load_split(config, "test")[0]
+    out = runner._bpd(config, params, eval_settings(config), test_images, str(tmp_path))
+    assert np.isfinite(out["total_bpd"]) and out["num_images"] == 4
+    assert out["calls_per_image"] == 2 * 2 and out["sigma_hi"] == 80.0
+    assert json.load(open(tmp_path / "bpd.json"))["total_bpd"] == out["total_bpd"]
+    text = report.summary_markdown({"workdir": "w", "bpd": out, "timings_s": {}})
+    assert "probability-flow ODE, heun 2 steps" in text
+    with pytest.raises(ValueError, match="eval.bpd_ode_solver"):
+        with config.unlocked():
+            config.eval.bpd_ode_solver = "rk45"
+        eval_settings(config)

@@ -10,7 +10,14 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation of {summary['workdir']}", ""]
     if "checkpoint_step" in summary:
         lines += [f"Checkpoint step: {summary['checkpoint_step']}", ""]
-    if "bpd" in summary:
+    if "bpd" in summary and "num_steps" in summary["bpd"]:  # the probability-flow ODE
+        b = summary["bpd"]
+        lines += ["## Likelihood", "",
+                  f"Test NLL: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim**; "
+                  f"{b['num_images']} test images, {b['estimator']} (sigma {b['sigma_lo']:g} to "
+                  f"{b['sigma_hi']:g}, {b['calls_per_image']} network calls with VJPs per image), "
+                  f"{b['condition']}; {b['seconds']:.0f}s.", ""]
+    elif "bpd" in summary:
         b = summary["bpd"]
         lines += ["## Likelihood", "",
                   f"Test NLL bound: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim** "

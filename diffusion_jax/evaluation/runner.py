@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from diffusion_jax import ode_likelihood
 from diffusion_jax.evaluation import classifier, likelihood, pictures, quality
 from diffusion_jax.evaluation.report import summary_markdown
 from diffusion_jax.evaluation.settings import eval_settings
@@ -156,32 +157,37 @@ class Generator:
 
 
 def _bpd(config, params, settings, test_images, out_dir) -> dict:
-    from diffusion_jax import models
+    """Test-set bits/dim of the unconditional model (the null label of CFG training; Ho &
+    Salimans 2022): the variational bound for ddpm, the probability-flow ODE otherwise."""
+    from diffusion_jax import models, samplers
 
     from diffusion_jax.train import sampling
 
     process, _, num_classes = _model_bits(config)
-    if not process.discrete:
-        _log(f"bits/dim: the variational bound is implemented for process 'ddpm'; "
-             f"skipped for {process.name!r}")
-        return None
-    schedule, make_denoise_fn = process.schedule, sampling.make_denoise_fn
     n = min(int(settings["bpd_num_images"]), len(test_images))
     batch = min(int(settings["bpd_batch_size"]), n)
     uncond = models.null_cond(config.model, batch) if num_classes > 0 else None
+    key = jax.random.PRNGKey(settings["seed"] + 17)
+    prediction = config.diffusion.prediction
+    if process.discrete:
+        def denoise(p, x_t, t):
+            return sampling.make_denoise_fn(config, p, uncond, 0.0)(x_t, t)
 
-    def denoise(p, x_t, t):
-        # The unconditional likelihood p(x): the null label of CFG training (Ho & Salimans 2022).
-        return make_denoise_fn(config, p, uncond, 0.0)(x_t, t)
+        k = int(settings["bpd_num_timesteps"]) or None
+        result = likelihood.dataset_bits_per_dim(
+            denoise, process.schedule, test_images[:n], key, params=params, batch_size=batch,
+            num_timesteps=k, estimator=settings["bpd_estimator"], prediction=prediction,
+            variance=config.diffusion.variance, log=_log)
+        result.update(variance=config.diffusion.variance)
+    else:
+        def denoise(p, x_t, t):  # no x0 clipping: the ODE needs the network's own derivative
+            return samplers.denoiser(sampling.make_denoise_fn(config, p, uncond, 0.0), process, prediction)(x_t, t)
 
-    k = int(settings["bpd_num_timesteps"]) or None
-    result = likelihood.dataset_bits_per_dim(
-        denoise, schedule, test_images[:n], jax.random.PRNGKey(settings["seed"] + 17), params=params,
-        batch_size=batch, num_timesteps=k, estimator=settings["bpd_estimator"],
-        prediction=config.diffusion.prediction,
-        variance=config.diffusion.variance, log=_log)
-    result.update(condition="null label (unconditional)" if num_classes > 0 else "unconditional",
-                  variance=config.diffusion.variance)
+        result = likelihood.dataset_bits_per_dim_ode(
+            denoise, process, test_images[:n], key, params=params, batch_size=batch,
+            num_steps=int(settings["bpd_ode_steps"]), solver=settings["bpd_ode_solver"],
+            divergence=settings["bpd_ode_divergence"], log=_log)
+    result.update(condition="null label (unconditional)" if num_classes > 0 else "unconditional")
     with open(os.path.join(out_dir, "bpd.json"), "w") as f:
         json.dump(result, f, indent=2)
     _log(f"bits/dim {result['total_bpd']:.4f} +- {result['total_bpd_stderr']:.4f} "
@@ -200,6 +206,10 @@ def _plan(config, settings, sweep_settings, num_classes, generator, parts) -> di
         calls = T if k == 0 else (
             1 + len(likelihood.geometric_strata(T, k)[0]) if settings["bpd_estimator"] == "stratified" else k)
         plan["bpd"] = int(settings["bpd_num_images"]) * calls
+    elif "bpd" in parts and settings["bpd_num_images"]:  # each call also takes a vector-Jacobian product
+        plan["bpd"] = int(settings["bpd_num_images"]) * ode_likelihood.network_calls(
+            int(settings["bpd_ode_steps"]), settings["bpd_ode_divergence"],
+            int(np.prod(generator.shape)), settings["bpd_ode_solver"])
     if "quality" in parts:
         plan["quality"] = sum(int(settings["num_samples"]) * r["nfe"] * g(r["guidance"]) for r in sweep_settings)
     if "pictures" in parts:
@@ -276,10 +286,8 @@ def evaluate(config: Any, workdir: str, *, params: Any = None) -> dict:
 
     if "bpd" in parts and settings["bpd_num_images"] > 0:
         t0 = time.time()
-        bpd = _bpd(config, params, settings, test_split[0], out_dir)
-        if bpd is not None:
-            summary["bpd"] = bpd
-            summary["timings_s"]["bpd"] = round(time.time() - t0, 1)
+        summary["bpd"] = _bpd(config, params, settings, test_split[0], out_dir)
+        summary["timings_s"]["bpd"] = round(time.time() - t0, 1)
 
     if "quality" in parts:
         t0 = time.time()

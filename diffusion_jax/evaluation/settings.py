@@ -30,6 +30,10 @@ EVAL_DEFAULTS = {
     "bpd_num_timesteps": 20,  # K: unbiased estimate from <= K+1 network calls per image; 0 = all T terms
     "bpd_estimator": "stratified",  # stratified (decoder exact + geometric strata) | uniform (diffusion.bits_per_dim)
     "bpd_batch_size": 250,  # images per bits/dim call
+    # continuous processes (edm, flow, vp): the probability-flow ODE of dequantised pixels
+    "bpd_ode_steps": 16,  # solver steps in log sigma (rk4: 4 network calls + VJPs each)
+    "bpd_ode_solver": "rk4",  # rk4 | heun (ode_likelihood.SOLVERS)
+    "bpd_ode_divergence": "rademacher",  # rademacher | gaussian (Hutchinson) | exact (D VJPs: small data)
     "classifier_dir": "",  # "" = runs/classifier_<dataset> (a generated dataset such as synthetic: <workdir>/eval/classifier)
     "train_classifier": True,  # train the classifier when classifier_dir has none
     "classifier_epochs": 4,  # epochs when evaluate trains it
@@ -68,7 +72,7 @@ def eval_settings(config: Any) -> dict:
     s["steps"] = tuple(int(n) for n in s["steps"])
     s["guidance_scales"] = tuple(float(w) for w in s["guidance_scales"])
 
-    from diffusion_jax import samplers  # imported here: this module stays free of jax
+    from diffusion_jax import ode_likelihood, samplers  # imported here: this module stays free of jax
     from diffusion_jax.evaluation import likelihood
 
     unknown = [p for p in s["parts"] if p not in PARTS]
@@ -80,11 +84,15 @@ def eval_settings(config: Any) -> dict:
             raise ValueError(f"eval.{field}: unknown {bad}; allowed: {samplers.NAMES}")
     if s["bpd_estimator"] not in likelihood.ESTIMATORS:
         raise ValueError(f"eval.bpd_estimator={s['bpd_estimator']!r}; allowed: {likelihood.ESTIMATORS}")
+    for field, allowed in (("bpd_ode_solver", tuple(ode_likelihood.SOLVERS)),
+                           ("bpd_ode_divergence", ode_likelihood.DIVERGENCES)):
+        if s[field] not in allowed:
+            raise ValueError(f"eval.{field}={s[field]!r}; allowed: {allowed}")
     for field in ("guidance_sampler", "strip_sampler"):
         if s[field] not in samplers.NAMES:
             raise ValueError(f"eval.{field}={s[field]!r}; allowed: {samplers.NAMES}")
     for field in ("num_samples", "batch_size", "bpd_batch_size", "kid_subsets", "kid_subset_size",
-                  "grid_per_class", "strip_num_images", "strip_columns", "classifier_epochs"):
+                  "grid_per_class", "strip_num_images", "strip_columns", "classifier_epochs", "bpd_ode_steps"):
         if int(s[field]) < 1:
             raise ValueError(f"eval.{field} must be an integer >= 1, got {s[field]}")
     for field in ("bpd_num_images", "bpd_num_timesteps", "strip_steps", "classifier_max_shift"):
