@@ -180,7 +180,7 @@ def dequantize(x, key) -> jax.Array:
 
 def dataset_bits_per_dim_ode(denoise: Callable, process, images, key, *, params=None,
                              batch_size: int = 250, num_steps: int = 16, solver: str = "rk4",
-                             divergence: str = "rademacher",
+                             divergence: str = "rademacher", sigma_lo: float | None = None,
                              log: Callable[[str], None] | None = None) -> dict:
     """Mean bits/dim of uint8 `images` [N,H,W,C] by the probability-flow ODE
     (`ode_likelihood.log_likelihood`) of uniformly dequantised pixels:
@@ -193,7 +193,7 @@ def dataset_bits_per_dim_ode(denoise: Callable, process, images, key, *, params=
     as `dataset_bits_per_dim` (`denoise(x_t, t) -> Prediction`, or `denoise(params, x_t, t)`);
     one dequantisation and one Hutchinson probe per image, so the standard error covers both.
 
-    `num_steps`, `solver`, `divergence`: as `ode_likelihood.log_likelihood`.
+    `num_steps`, `solver`, `divergence`, `sigma_lo`: as `ode_likelihood.log_likelihood`.
     Returns a dict: "total_bpd", "total_bpd_stderr", "num_images", "num_steps",
     "calls_per_image" (network calls, each with a vector-Jacobian product), "estimator",
     "sigma_lo", "sigma_hi", "seconds".
@@ -211,7 +211,8 @@ def dataset_bits_per_dim_ode(denoise: Callable, process, images, key, *, params=
         fn = denoise if params is None else (lambda x_t, t: denoise(p, x_t, t))
         k_deq, k_probe = jax.random.split(k)
         logp = ode_likelihood.log_likelihood(fn, process, dequantize(chunk, k_deq), k_probe,
-                                             num_steps=num_steps, solver=solver, divergence=divergence)
+                                             num_steps=num_steps, solver=solver, divergence=divergence,
+                                             sigma_lo=sigma_lo)
         return -logp / (dims * math.log(2.0)) + _LEVEL_BITS
 
     start, per_image = time.time(), []
@@ -227,6 +228,7 @@ def dataset_bits_per_dim_ode(denoise: Callable, process, images, key, *, params=
                 f"{np.concatenate(per_image).mean():.4f} ({time.time() - start:.0f}s)")
     total = np.concatenate(per_image)
     lo_sigma, hi_sigma = process.sigma_range()
+    lo_sigma = lo_sigma if sigma_lo is None else sigma_lo
     return dict(total_bpd=float(total.mean()), total_bpd_stderr=float(total.std(ddof=1) / np.sqrt(n)),
                 num_images=int(n), num_steps=int(num_steps),
                 calls_per_image=ode_likelihood.network_calls(num_steps, divergence, dims, solver),

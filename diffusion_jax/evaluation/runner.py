@@ -186,7 +186,8 @@ def _bpd(config, params, settings, test_images, out_dir) -> dict:
         result = likelihood.dataset_bits_per_dim_ode(
             denoise, process, test_images[:n], key, params=params, batch_size=batch,
             num_steps=int(settings["bpd_ode_steps"]), solver=settings["bpd_ode_solver"],
-            divergence=settings["bpd_ode_divergence"], log=_log)
+            divergence=settings["bpd_ode_divergence"], sigma_lo=float(settings["bpd_ode_sigma_lo"]) or None,
+            log=_log)
     result.update(condition="null label (unconditional)" if num_classes > 0 else "unconditional")
     with open(os.path.join(out_dir, "bpd.json"), "w") as f:
         json.dump(result, f, indent=2)

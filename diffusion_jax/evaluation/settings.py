@@ -34,6 +34,7 @@ EVAL_DEFAULTS = {
     "bpd_ode_steps": 16,  # solver steps in log sigma (rk4: 4 network calls + VJPs each)
     "bpd_ode_solver": "rk4",  # rk4 | heun (ode_likelihood.SOLVERS)
     "bpd_ode_divergence": "rademacher",  # rademacher | gaussian (Hutchinson) | exact (D VJPs: small data)
+    "bpd_ode_sigma_lo": 0.0,  # the data's smoothing level where the ODE starts; 0 = the process's sigma_min
     "classifier_dir": "",  # "" = runs/classifier_<dataset> (a generated dataset such as synthetic: <workdir>/eval/classifier)
     "train_classifier": True,  # train the classifier when classifier_dir has none
     "classifier_epochs": 4,  # epochs when evaluate trains it
@@ -95,6 +96,8 @@ def eval_settings(config: Any) -> dict:
                   "grid_per_class", "strip_num_images", "strip_columns", "classifier_epochs", "bpd_ode_steps"):
         if int(s[field]) < 1:
             raise ValueError(f"eval.{field} must be an integer >= 1, got {s[field]}")
+    if not float(s["bpd_ode_sigma_lo"]) >= 0:
+        raise ValueError(f"eval.bpd_ode_sigma_lo must be >= 0 (0 = the process's sigma_min), got {s['bpd_ode_sigma_lo']}")
     for field in ("bpd_num_images", "bpd_num_timesteps", "strip_steps", "classifier_max_shift"):
         if int(s[field]) < 0:
             zero = {"bpd_num_images": "skip", "classifier_max_shift": "no shifts"}.get(field, "all T")
