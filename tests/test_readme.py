@@ -22,3 +22,4 @@ def test_readme_examples_run(capsys):
     out = capsys.readouterr().out
     assert "per-example loss: (8,)" in out
     assert "heun: 35 NFE, mean 0.30, std 0.53" in out and "dpm_solver_pp: 20 NFE, mean 0.30, std 0.51" in out
+    assert "log p: ODE -0.377, closed form -0.377" in out

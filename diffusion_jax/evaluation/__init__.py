@@ -4,7 +4,8 @@
 
 writes under workdir/eval/:
 
-    bpd.json                 test-set bits/dim (variational bound), standard error
+    bpd.json                 test-set bits/dim (ddpm: variational bound; edm, flow, vp: the
+                             probability-flow ODE), standard error
     quality.md, quality.json classifier-FD, KID, IS analogue, conditional accuracy per
                              (sampler, steps, guidance), with the train-vs-test floor
     quality.png              those metrics against sampler steps
