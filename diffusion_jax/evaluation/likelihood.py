@@ -94,6 +94,26 @@ def uint8_to_model(images) -> np.ndarray:
     return image_lib.to_float(images)
 
 
+def _checked(images, batch_size: int) -> np.ndarray:
+    """uint8 images -> model-space floats, refusing what gives no standard error."""
+    x_all = uint8_to_model(images)
+    if x_all.shape[0] < 2:
+        raise ValueError(f"need at least 2 images for a standard error, got {x_all.shape[0]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return x_all
+
+
+def _batches(x_all: np.ndarray, batch_size: int):
+    """(index, first image, batch of exactly batch_size padded from the start, valid count)."""
+    for i, lo in enumerate(range(0, x_all.shape[0], batch_size)):
+        chunk = x_all[lo:lo + batch_size]
+        valid = chunk.shape[0]
+        if valid < batch_size:
+            chunk = np.concatenate([chunk, x_all[:batch_size - valid]])
+        yield i, lo, chunk, valid
+
+
 def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=None,
                          batch_size: int = 250, num_timesteps: int | None = None,
                          estimator: str = "stratified", prediction: str = "eps",
@@ -111,12 +131,8 @@ def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=
     Returns a dict: the mean of each of BPD_KEYS, "total_bpd_stderr", "num_images",
     "num_timesteps" (K, or T for the full bound), "calls_per_image", "estimator", "seconds".
     """
-    x_all = uint8_to_model(images)
+    x_all = _checked(images, batch_size)
     n = x_all.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 images for a standard error, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if num_timesteps is not None:
@@ -139,11 +155,7 @@ def dataset_bits_per_dim(denoise_fn: Callable, schedule, images, key, *, params=
 
     start = time.time()
     per_image = {name: [] for name in BPD_KEYS}
-    for i, lo in enumerate(range(0, n, batch_size)):
-        chunk = x_all[lo:lo + batch_size]
-        valid = chunk.shape[0]
-        if valid < batch_size:
-            chunk = np.concatenate([chunk, x_all[:batch_size - valid]])
+    for i, lo, chunk, valid in _batches(x_all, batch_size):
         out = jax.device_get(batch_bpd(params, chunk, jax.random.fold_in(key, i)))
         for name in BPD_KEYS:
             per_image[name].append(np.asarray(out[name], np.float64)[:valid])
@@ -198,13 +210,8 @@ def dataset_bits_per_dim_ode(denoise: Callable, process, images, key, *, params=
     "calls_per_image" (network calls, each with a vector-Jacobian product), "estimator",
     "sigma_lo", "sigma_hi", "seconds".
     """
-    images = uint8_to_model(images)
-    n = images.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 images for a standard error, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dims = int(np.prod(images.shape[1:]))
+    images = _checked(images, batch_size)
+    n, dims = images.shape[0], int(np.prod(images.shape[1:]))
 
     @jax.jit
     def batch_bpd(p, chunk, k):
@@ -216,11 +223,7 @@ def dataset_bits_per_dim_ode(denoise: Callable, process, images, key, *, params=
         return -logp / (dims * math.log(2.0)) + _LEVEL_BITS
 
     start, per_image = time.time(), []
-    for i, lo in enumerate(range(0, n, batch_size)):
-        chunk = images[lo:lo + batch_size]
-        valid = chunk.shape[0]
-        if valid < batch_size:
-            chunk = np.concatenate([chunk, images[:batch_size - valid]])
+    for i, lo, chunk, valid in _batches(images, batch_size):
         per_image.append(np.asarray(jax.device_get(batch_bpd(params, chunk, jax.random.fold_in(key, i))),
                                     np.float64)[:valid])
         if log:

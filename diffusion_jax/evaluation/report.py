@@ -10,20 +10,19 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation of {summary['workdir']}", ""]
     if "checkpoint_step" in summary:
         lines += [f"Checkpoint step: {summary['checkpoint_step']}", ""]
-    if "bpd" in summary and "num_steps" in summary["bpd"]:  # the probability-flow ODE
+    if "bpd" in summary:
         b = summary["bpd"]
-        lines += ["## Likelihood", "",
-                  f"Test NLL: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim**; "
-                  f"{b['num_images']} test images, {b['estimator']} (sigma {b['sigma_lo']:g} to "
-                  f"{b['sigma_hi']:g}, {b['calls_per_image']} network calls with VJPs per image), "
-                  f"{b['condition']}; {b['seconds']:.0f}s.", ""]
-    elif "bpd" in summary:
-        b = summary["bpd"]
-        lines += ["## Likelihood", "",
-                  f"Test NLL bound: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim** "
-                  f"(prior {b['prior_bpd']:.4f}, KL terms {b['vb_bpd']:.4f}, decoder {b['decoder_bpd']:.4f}); "
-                  f"{b['num_images']} test images, {b['estimator']}, {b['condition']}, "
-                  f"variance {b['variance']}; {b['seconds']:.0f}s.", ""]
+        if "num_steps" in b:  # the probability-flow ODE
+            what = (f"Test NLL: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim**; "
+                    f"{b['num_images']} test images, {b['estimator']} (sigma {b['sigma_lo']:g} to "
+                    f"{b['sigma_hi']:g}, {b['calls_per_image']} network calls with VJPs per image), "
+                    f"{b['condition']}; {b['seconds']:.0f}s.")
+        else:
+            what = (f"Test NLL bound: **{b['total_bpd']:.4f} +- {b['total_bpd_stderr']:.4f} bits/dim** "
+                    f"(prior {b['prior_bpd']:.4f}, KL terms {b['vb_bpd']:.4f}, decoder {b['decoder_bpd']:.4f}); "
+                    f"{b['num_images']} test images, {b['estimator']}, {b['condition']}, "
+                    f"variance {b['variance']}; {b['seconds']:.0f}s.")
+        lines += ["## Likelihood", "", what, ""]
     if "quality" in summary:
         c = summary["classifier"]
         lines += ["## Sample quality", "",
