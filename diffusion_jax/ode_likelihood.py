@@ -89,7 +89,8 @@ def log_likelihood(denoise: Callable, process, x, key=None, *, num_steps: int = 
     h = (math.log(hi) - math.log(lo)) / num_steps
     # sigma at every stage of every step, [N, stages], and the process times there
     sigmas = np.exp(math.log(lo) + h * (np.arange(num_steps)[:, None] + np.asarray(offsets)[None]))
-    sigmas[-1, -1] = hi if offsets[-1] == 1.0 else sigmas[-1, -1]
+    if offsets[-1] == 1.0:
+        sigmas[-1, -1] = hi  # exactly, not exp(log(hi))
     ts = np.asarray(process.times_for_sigmas(sigmas), np.float64)
     x = jnp.asarray(x, jnp.float32)
     batch, dims = x.shape[0], int(np.prod(x.shape[1:]))

@@ -8,7 +8,7 @@ the guidance: a better-trained conditional model needs less, w = 0.3.
 
 What it reaches (docs/results_mnist.md; 2026-12-01, the project's 2-core AMD EPYC VM):
 88 min wall for `python launch.py --config experiments/mnist_long.py` (13,000 steps at about
-2.7 steps/s, six minutes of it beside an evaluation), then at DPM-Solver++(2M), 20 network
+2.7 steps/s alone; its first 20 minutes beside unit tests, six more beside an evaluation), then at DPM-Solver++(2M), 20 network
 calls, w = 0.3, 1,000 samples, three evaluation seeds: conditional accuracy 0.991-0.995 and
 classifier-FD 0.27 on average against the train-vs-test floor's 0.31 (at most 1.13x the floor
 of its own seed), scored by the project's classifier.
