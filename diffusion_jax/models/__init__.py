@@ -73,6 +73,8 @@ def default_config(name: str = "unet", size: str | None = None) -> ml_collection
         c.mlp_ratio = 4.0  # MLP hidden width = mlp_ratio * hidden_size
         c.freq_dim = 256  # width of the sinusoidal timestep embedding fed to the time MLP
         c.dropout = 0.0  # DiT trains without dropout
+        c.long_skip = False  # bool; U-ViT long skips: block i's output joins block depth-1-i (Bao et al. 2023)
+        c.conv_head = False  # bool; a 3x3 conv on the unpatchified output (U-ViT's final conv)
         if size is not None:
             if size not in DIT_SIZES:
                 raise ValueError(f"DiT size must be one of {tuple(DIT_SIZES)}, got {size!r}")
@@ -181,6 +183,9 @@ def validate(config: Any) -> dict:
                 "hidden_size",
                 f"{c['hidden_size']} must be divisible by num_heads={c['num_heads']} and by 4",
             )
+        for f in ("long_skip", "conv_head"):
+            if not isinstance(c[f], bool):
+                raise _err(f, f"must be True or False, got {c[f]!r}")
         if float(c["mlp_ratio"]) <= 0:
             raise _err("mlp_ratio", f"must be > 0, got {c['mlp_ratio']!r}")
     return c

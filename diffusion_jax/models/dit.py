@@ -11,6 +11,14 @@ Flax Linen, for the same reasons as the UNet (plain parameter pytree).
     final: shift, scale = Dense_zero(SiLU(c)); Dense_zero(LN(x) * (1 + scale) + shift)
            -> p*p*C_out per token, unpatchified to [B, H, W, C_out].
 
+Two options from U-ViT (Bao et al. 2023), both off by default:
+
+    long_skip: block i < depth//2 hands its output to block depth-1-i, which first
+               maps concat(x, skip) back to D tokens with a Dense (Bao et al. 2023,
+               Sec. 3.1: without them U-ViT's FID is far worse);
+    conv_head: a 3x3 convolution on the unpatchified output (U-ViT's final conv),
+               which smooths the seams between patches.
+
 LN is parameter-free (elementwise_affine off), as in the paper; LN followed
 by the modulation is one `ops.adaptive_layer_norm`, attention one
 `ops.self_attention` over the packed qkv projection, and each gated residual
@@ -106,6 +114,8 @@ class DiT(nn.Module):
     cond_combine: str = "add"
     label_init_std: float = 0.02
     learn_sigma: bool = False
+    long_skip: bool = False
+    conv_head: bool = False
     dtype: Any = "float32"
 
     @nn.compact
@@ -129,8 +139,14 @@ class DiT(nn.Module):
         g = hh // p
         tokens = Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed")(x.astype(dtype))
         tokens = tokens.reshape(b, g * g, d) + jnp.asarray(pos_embed_2d(d, g), dtype)
+        skips = []
+        half = self.depth // 2 if self.long_skip else 0
         for i in range(self.depth):
+            if i >= self.depth - half:  # U-ViT: the matching shallow block's output comes back
+                tokens = dense(d, dtype, name=f"skip_{i}")(jnp.concatenate([tokens, skips.pop()], axis=-1))
             tokens = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dropout, dtype, name=f"block_{i}")(tokens, c, train)
+            if i < half:
+                skips.append(tokens)
 
         shift, scale = jnp.split(dense(2 * d, dtype, init_scale=0.0, name="final_adaLN")(nn.silu(c)), 2, axis=-1)
         tokens = ops.adaptive_layer_norm(tokens, shift, scale, epsilon=1e-6)
@@ -138,4 +154,6 @@ class DiT(nn.Module):
         out = dense(p * p * out_ch, dtype, init_scale=0.0, name="final_linear")(tokens)
         # unpatchify: [B, g*g, p*p*C] -> [B, g, g, p, p, C] -> [B, g*p, g*p, C]
         out = out.reshape(b, g, g, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, out_ch)
+        if self.conv_head:
+            out = Conv(out_ch, (3, 3), dtype=dtype, name="conv_head")(out)
         return out.astype(jnp.float32)
