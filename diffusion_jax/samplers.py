@@ -122,7 +122,7 @@ def _half_log_snr(a, s):
     return jnp.log(a) - jnp.log(jnp.where(s > 0, s, 1.0))
 
 
-def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
+def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2, d2_weight: float = 1.0):
     """One DPM-Solver++ multistep update (Lu et al. 2022) in data-prediction form,
     h = lambda_next - lambda, x_next = (s_next / s) x - a_next (exp(-h) - 1) D:
 
@@ -130,18 +130,26 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
       order 2 (2M, Algorithm 2): D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h;
       order 3 (3M): with r0 = h_prev / h, r1 = h_prev2 / h, D1_0 = (x0 - x0_prev) / r0,
         D1_1 = (x0_prev - x0_prev2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h x0',
-        D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2:
-        x_next = (s_next / s) x - a_next (e^-h - 1) x0 + a_next ((e^-h - 1) / h + 1) D1
-                 - 2 a_next ((e^-h - 1 + h) / h^2 - 1/2) D2,
-        the Taylor terms of x_next = (s_next / s) x + s_next int e^lambda x0(lambda) d lambda
-        (exact when x0 is quadratic in lambda; tests/test_samplers.py). diffusers' scheduler
-        writes the D2 term without the factor 2, which leaves its update third order locally
-        (like 2M's) instead of fourth.
+        D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2, phi_2 = (e^-h - 1) / h + 1,
+        phi_3 = (e^-h - 1 + h) / h^2 - 1/2:
+        x_next = (s_next / s) x - a_next (e^-h - 1) x0 + a_next phi_2 D1 - w a_next phi_3 D2,
+        after a second-order warm-up step x_next = (s_next / s) x - a_next (e^-h - 1) x0
+        + a_next phi_2 D1_0 (the same expansion one term shorter).
 
-    history: ((x0_prev, a_prev, s_prev), (x0_prev2, a_prev2, s_prev2)) as far as needed, each
-    with a `use` mask through `order`. Into clean data (s_next = 0, h = inf) the update is
-    x_next = x0, the first-order limit. A previous point at lambda = -inf (pure noise) gives
-    r = inf, so the update falls back to the lower order there by itself.
+    d2_weight w: 1 (default) is the 3M of DPM-Solver's reference code, k-diffusion
+    (`sample_dpmpp_3m_sde`, eta = 0) and diffusers. w = 2 is the Taylor term of
+    x_next = (s_next / s) x + s_next int e^lambda x0(lambda) d lambda: exact when x0 is
+    quadratic in lambda, local error O(h^4), third order as h -> 0, where w = 1 is second
+    order. With 10 to 40 calls on EDM's rho = 7 grid w = 2 is the worse one (1.6-2x on a
+    two-mode law, docs/samplers.md): where the data prediction bends (sigma of the order
+    of the data's spread) a full curvature term extrapolated from the last three calls
+    overshoots; w = 2 wins from about 80 calls on.
+
+    history: ((x0_prev, a_prev, s_prev, use), (x0_prev2, a_prev2, s_prev2, use)) as far as
+    needed, each `use` a mask of whether that call happened. Into clean data (s_next = 0,
+    h = inf) the update is x_next = x0, the first-order limit. A previous point at
+    lambda = -inf (pure noise) gives r = inf, so the update falls back to the lower order
+    there by itself.
     """
     final = s_next == 0
     lam, lam_n = _half_log_snr(a, s), _half_log_snr(a_next, s_next)
@@ -161,15 +169,16 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
     third = jnp.logical_and(use_pp, second)
     r1 = jnp.where(third, (lam_p - _half_log_snr(a_pp, s_pp)) / h, 1.0)
     r0 = jnp.where(third, r0, 1.0)
-    d1_0 = (x0 - x0_p) / r0
+    em1 = jnp.expm1(-h)
+    phi_2, phi_3 = em1 / h + 1.0, (em1 + h) / (h * h) - 0.5
+    d1_0 = (x0 - x0_p) / jnp.where(second, (lam - lam_p) / h, 1.0)
     d1_1 = (x0_p - x0_pp) / r1
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    em1 = jnp.expm1(-h)
-    third_order = (ratio * x - a_next * em1 * x0 + a_next * (em1 / h + 1.0) * d1
-                   - 2.0 * a_next * ((em1 + h) / (h * h) - 0.5) * d2)
-    second_order = ratio * x + phi * (x0 + c * (x0 - x0_p))
-    return jnp.where(third, third_order, second_order)
+    first_order = ratio * x + phi * x0
+    third_order = first_order + a_next * phi_2 * d1 - d2_weight * a_next * phi_3 * d2
+    second_order = first_order + a_next * phi_2 * d1_0
+    return jnp.where(third, third_order, jnp.where(second, second_order, first_order))
 
 
 # ----------------------------------------------------------------------------- time grids
