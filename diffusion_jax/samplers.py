@@ -24,8 +24,9 @@ Heun and edm_sde take an Euler step where their correction is undefined: into cl
 (sigma = 0, as in EDM) and out of pure noise (sigma = inf, flow at t = 1); NFE counts that.
 A new sampler is one registered class here (its fields are its config.sample settings).
 
-`sample(denoise_fn, schedule, ...)` and the step functions are the discrete-DDPM API of
-earlier versions, unchanged in results.
+`sample(denoise_fn, schedule, ...)`, the discrete-DDPM API of earlier versions, is `draw`
+with the registered sampler of that name on the DDPM process (the same default grids);
+`ddpm_step`, `ddim_step` and `dpm_solver_pp_step` are single steps over the updates above.
 """
 
 from __future__ import annotations
@@ -40,14 +41,13 @@ import numpy as np
 
 from diffusion_jax import diffusion, processes
 from diffusion_jax.diffusion import PREDICTIONS, VARIANCES, p_mean_variance
-from diffusion_jax.processes import DDPM, nearest_decreasing_steps
+from diffusion_jax.processes import DDPM
 from diffusion_jax.schedules import Schedule
 
 __all__ = [
     "Prediction", "denoiser", "draw", "time_grid", "GRIDS", "SAMPLERS", "NAMES", "make",
     "from_config", "default_settings", "ddim_update", "dpmpp_update",
-    "ddpm_step", "ddim_step", "dpm_solver_pp_step", "make_timesteps", "sample",
-    "METHODS", "SPACINGS", "DEFAULT_SPACING",
+    "ddpm_step", "ddim_step", "dpm_solver_pp_step", "sample",
 ]
 
 
@@ -685,6 +685,7 @@ def draw(sampler: Sampler, denoise, process, shape, key, *, return_trajectory=Fa
 
 
 # ----------------------------------------------------------------------------- DDPM API
+# One step at given integer times, over the updates above; `sample` is `draw` on DDPM.
 
 
 def _alpha_sigma_ext(schedule: Schedule, t, ndim: int):
@@ -744,76 +745,45 @@ def dpm_solver_pp_step(schedule: Schedule, x_t, t, t_prev, model_output, *, prev
     return dpmpp_update(x_t, x0, a_t, s_t, a_n, s_n, ((prev_x0, a_p, s_p, True),), order=2), x0
 
 
-# Lower end of the legacy "logsnr" spacing: sigma / alpha = 80, EDM's sigma_max.
-LOGSNR_SPACING_MIN_LAMBDA = -math.log(80.0)
-
-SPACINGS = ("leading", "trailing", "linspace", "logsnr")
-METHODS = ("ddpm", "ddim", "dpm_solver_pp")  # what `sample` runs
-DEFAULT_SPACING = {m: "logsnr" for m in METHODS}
-
-
-def _legacy_logsnr(schedule, n):
-    """T - 1, then half log-SNR uniform on [max(lambda_{T-1}, -log 80), lambda_0], nearest t;
-    numpy for a concrete schedule, jnp for a traced one."""
-    try:
-        ab, xp = np.asarray(schedule.alphas_cumprod, dtype=np.float64), np
-    except jax.errors.TracerArrayConversionError:
-        ab, xp = schedule.alphas_cumprod, jnp
-    lam = 0.5 * (xp.log(ab) - xp.log1p(-ab))
-    targets = xp.linspace(xp.maximum(lam[-1], LOGSNR_SPACING_MIN_LAMBDA), lam[0], n)
-    return nearest_decreasing_steps(lam, targets, xp)
-
-
-def make_timesteps(schedule: Schedule, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
-    """Decreasing int32 timesteps t_1 > ... > t_N in [0, T) of the DDPM API (`sample`):
-    "leading", "trailing", "linspace" (`time_grid`'s "leading", "trailing", "linear") or
-    "logsnr" (T - 1, then uniform half log-SNR from sigma = 80; traceable). The sampler then
-    steps from t_N to t = -1 (clean data)."""
-    _check("timestep_spacing", spacing, SPACINGS)
-    T = schedule.num_timesteps
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be an integer in [1, num_timesteps={T}], got {num_steps!r}")
-    if spacing == "logsnr":
-        ts = _legacy_logsnr(schedule, int(num_steps))
-    else:
-        grid = {"linspace": "linear"}.get(spacing, spacing)
-        ts = time_grid(DDPM(schedule), int(num_steps), grid)[:-1]
-    if isinstance(ts, np.ndarray):
-        ts = ts.astype(np.int32)
-        assert np.all(np.diff(ts) < 0) and ts[0] <= T - 1 and ts[-1] >= 0, ts
-    return ts
+# Old name of the argument `sample` calls `grid`; "linspace" was `grid`'s "linear".
+_SPACING_ALIASES = {"linspace": "linear"}
 
 
 def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
            num_steps: int | None = None, prediction: str = "eps", variance: str = "small",
-           eta: float = 0.0, clip_x0=None, timestep_spacing: str | None = None,
+           eta: float = 0.0, clip_x0=None, grid: str = "", timestep_spacing: str | None = None,
            return_trajectory: bool = False):
-    """The DDPM API: samples x0 of `shape` from x_T ~ N(0, I) with `method` in METHODS.
+    """The registered sampler `method` on the DDPM process of `schedule`, for a
+    `denoise_fn(x_t, t) -> model output` (t int32 [B]) of type `prediction`: exactly
 
-    denoise_fn(x_t, t) -> model output (t int32 [B]); num_steps=None means all T timesteps;
-    timestep_spacing in SPACINGS (None: "logsnr"). Returns x0, or (x0, trajectory
-    [num_steps + 1, *shape] from x_T). For other processes and samplers use `draw`."""
-    _check("method", method, METHODS)
+        process = DDPM(schedule, variance)
+        draw(make(method, num_steps=n, grid=grid[, eta=eta]), denoiser(denoise_fn, process,
+             prediction, clip_x0), process, shape, key)
+
+    so its default grids are the samplers' (`time_grid`; "cosine_half" for ddim and euler,
+    "logsnr" for DPM-Solver++, "cosine" for respaced ddpm) and a grid given by name gives
+    the same bits as `draw`. num_steps=None: all T steps (ddpm: the full ancestral chain).
+    timestep_spacing is the old name of `grid` ("linspace" = "linear"; "logsnr" is now
+    `time_grid`'s, no longer floored at sigma = 80). Returns x0, or (x0, trajectory
+    [num_steps + 1, *shape] from x_T). A schedule traced by jit needs a grid that uses its
+    length only: "leading", "trailing", "linear" or ddpm's full chain."""
+    _check("method", method, SAMPLERS)
     _check("prediction", prediction, PREDICTIONS)
     _check("variance", variance, VARIANCES)
-    spacing = DEFAULT_SPACING[method] if timestep_spacing is None else timestep_spacing
-    _check("timestep_spacing", spacing, SPACINGS)
+    if timestep_spacing is not None:
+        if grid:
+            raise ValueError(f"sample: give grid={grid!r} or its old name timestep_spacing="
+                             f"{timestep_spacing!r}, not both")
+        grid = _SPACING_ALIASES.get(timestep_spacing, timestep_spacing)
+        _check("timestep_spacing", grid, GRIDS)
+    n = schedule.num_timesteps if num_steps is None else num_steps
+    settings = {"eta": eta} if "eta" in {f.name for f in dataclasses.fields(SAMPLERS[method])} else {}
+    sampler = make(method, num_steps=n, grid=grid, **settings)
     process = DDPM(schedule, variance=variance)
-    T = schedule.num_timesteps
-    n = T if num_steps is None else num_steps
-    if method == "ddpm" and n == T:
-        ts = jnp.arange(T - 1, -2, -1, dtype=jnp.int32)
-    else:
-        ts = make_timesteps(schedule, n, spacing)
-        ts = jnp.concatenate([jnp.asarray(ts, jnp.int32), jnp.full((1,), -1, jnp.int32)])
+    try:
+        sampler.times(process)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"sample: grid {grid or sampler.default_grid!r} needs a concrete schedule, "
+                         "got a traced one; close over the schedule or use grid='trailing'") from None
     denoise = denoiser(lambda x, t: denoise_fn(x, t), process, prediction, clip_x0)
-    if method == "dpm_solver_pp":
-        sampler, x_T, k_steps = DPMSolverPP(num_steps=n), jax.random.normal(key, tuple(shape), jnp.float32), None
-    else:
-        k_init, k_steps = jax.random.split(key)
-        x_T = jax.random.normal(k_init, tuple(shape), jnp.float32)
-        sampler = Ancestral(num_steps=n) if method == "ddpm" else DDIM(num_steps=n, eta=eta)
-    if method == "ddpm" and n != T and variance != "small":
-        raise ValueError(f"method='ddpm' with num_steps={n} < T={T} (respaced) supports variance='small' "
-                         f"only, got {variance!r}; use num_steps=None for all T steps")
-    return sampler(denoise, process, x_T, k_steps, ts=ts, return_trajectory=return_trajectory)
+    return draw(sampler, denoise, process, shape, key, return_trajectory=return_trajectory)
