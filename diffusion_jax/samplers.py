@@ -594,7 +594,8 @@ def _second_order_scan(denoise, process, x, ts, keep, churn):
         if churn is not None:  # y_hat = y_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z, x = a y
             sig_i, sig_h = s_i / a_i, sh / ah
             extra = jnp.sqrt(jnp.maximum(sig_h**2 - sig_i**2, 0.0)) * churn[1]
-            x = (ah / a_i) * x + ah * extra * jax.random.normal(k, x.shape, x.dtype)
+            churned = (ah / a_i) * x + ah * extra * jax.random.normal(k, x.shape, x.dtype)
+            x = jnp.where(th != t_i, churned, x)  # unchurned steps as they are (flow's a = 0 at t = 1)
         pred = denoise(x, th)
         x_e = an * pred.x0 + sn * pred.eps  # Euler: y_e = y + (sigma_n - sigma) eps_hat
 
