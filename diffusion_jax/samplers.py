@@ -18,7 +18,7 @@ of any such process is dy/dsigma = (y - x0_hat) / sigma = eps_hat in y = x / a
     heun              2N - 1     Karras et al. 2022, Algorithm 1
     edm_sde           2N - 1     Karras et al. 2022, Algorithm 2 (S_churn, S_noise, S_min, S_max)
     dpm_solver_pp     N          Lu et al. 2022, DPM-Solver++(2M), Algorithm 2
-    dpm_solver_pp_3m  N          Lu et al. 2022, DPM-Solver++(3M) (multistep, third order)
+    dpm_solver_pp_3m  N          Lu et al. 2022, DPM-Solver++(3M) (multistep; as its reference code)
 
 Heun and edm_sde take an Euler step where their correction is undefined: into clean data
 (sigma = 0, as in EDM) and out of pure noise (sigma = inf, flow at t = 1); NFE counts that.
@@ -641,8 +641,10 @@ class DPMSolverPP(Sampler):
 @register
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPP3M(DPMSolverPP):
-    """DPM-Solver++(3M): multistep, third order in lambda after two warm-up steps
-    (first, then second order), first order into clean data (`dpmpp_update`)."""
+    """DPM-Solver++(3M): multistep with the curvature term of DPM-Solver's reference code and
+    k-diffusion (`dpmpp_update`, d2_weight = 1) after a first- and a second-order warm-up
+    step, first order into clean data; its outputs match k-diffusion's
+    `sample_dpmpp_3m_sde(eta=0)` on EDM's Karras grid (tests/test_samplers.py)."""
 
     name: ClassVar[str] = "dpm_solver_pp_3m"
     order: ClassVar[int] = 3
