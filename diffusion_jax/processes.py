@@ -96,7 +96,8 @@ class DDPM:
 
     name = "ddpm"
     variance_preserving = True
-    predictions = ("eps", "x0", "v", "score")
+    predictions = ("eps", "x0", "v", "score")  # the first is its own (config.diffusion.prediction "")
+    loss_weighting = "none"  # its own objective (config.diffusion.loss_weighting "")
     discrete = True
 
     @property
@@ -194,7 +195,8 @@ class VP:
 
     name = "vp"
     variance_preserving = True
-    predictions = ("eps", "x0", "v", "score", "velocity")
+    predictions = ("eps", "x0", "v", "score", "velocity")  # the first is its own (config.diffusion.prediction "")
+    loss_weighting = "none"  # its own objective (config.diffusion.loss_weighting "")
     discrete = False
     t_clean = 0.0
     prior_std = 1.0
@@ -272,7 +274,8 @@ class EDM:
 
     name = "edm"
     variance_preserving = False
-    predictions = ("edm", "x0", "eps", "v")
+    predictions = ("edm", "x0", "eps", "v")  # the first is its own (config.diffusion.prediction "")
+    loss_weighting = "edm"  # its own objective (config.diffusion.loss_weighting "")
     discrete = False
     t_clean = 0.0
 
@@ -334,7 +337,8 @@ class Flow:
 
     name = "flow"
     variance_preserving = False
-    predictions = ("velocity", "x0", "v")
+    predictions = ("velocity", "x0", "v")  # the first is its own (config.diffusion.prediction "")
+    loss_weighting = "none"  # its own objective (config.diffusion.loss_weighting "")
     discrete = False
     t_clean = 0.0
     t_max = 1.0
@@ -487,6 +491,13 @@ _TARGET: dict[str, Callable] = {
     "velocity": lambda p, x0, n, c: c.da * x0 + c.ds * n,
     "edm": lambda p, x0, n, c: (x0 - _edm_c_skip(p, c) * (c.a * x0 + c.s * n)) / _edm_c_out(p, c),
 }
+
+
+def own_objective(process, prediction: str = "", loss_weighting: str = "") -> tuple[str, str]:
+    """(prediction, loss_weighting) with "" read as the process's own, the defaults of
+    config.diffusion: its first prediction (eps for ddpm and vp, edm for edm, velocity for
+    flow) and its `loss_weighting` (none, the MSE of that output; edm for edm)."""
+    return prediction or process.predictions[0], loss_weighting or process.loss_weighting
 
 
 def check_prediction(process, prediction: str) -> None:

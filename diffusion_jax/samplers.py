@@ -18,14 +18,15 @@ of any such process is dy/dsigma = (y - x0_hat) / sigma = eps_hat in y = x / a
     heun              2N - 1     Karras et al. 2022, Algorithm 1
     edm_sde           2N - 1     Karras et al. 2022, Algorithm 2 (S_churn, S_noise, S_min, S_max)
     dpm_solver_pp     N          Lu et al. 2022, DPM-Solver++(2M), Algorithm 2
-    dpm_solver_pp_3m  N          Lu et al. 2022, DPM-Solver++(3M) (multistep, third order)
+    dpm_solver_pp_3m  N          Lu et al. 2022, DPM-Solver++(3M) (multistep; as its reference code)
 
 Heun and edm_sde take an Euler step where their correction is undefined: into clean data
 (sigma = 0, as in EDM) and out of pure noise (sigma = inf, flow at t = 1); NFE counts that.
 A new sampler is one registered class here (its fields are its config.sample settings).
 
-`sample(denoise_fn, schedule, ...)` and the step functions are the discrete-DDPM API of
-earlier versions, unchanged in results.
+`sample(denoise_fn, schedule, ...)`, the discrete-DDPM API of earlier versions, is `draw`
+with the registered sampler of that name on the DDPM process (the same default grids);
+`ddpm_step`, `ddim_step` and `dpm_solver_pp_step` are single steps over the updates above.
 """
 
 from __future__ import annotations
@@ -40,14 +41,13 @@ import numpy as np
 
 from diffusion_jax import diffusion, processes
 from diffusion_jax.diffusion import PREDICTIONS, VARIANCES, p_mean_variance
-from diffusion_jax.processes import DDPM, nearest_decreasing_steps
+from diffusion_jax.processes import DDPM
 from diffusion_jax.schedules import Schedule
 
 __all__ = [
     "Prediction", "denoiser", "draw", "time_grid", "GRIDS", "SAMPLERS", "NAMES", "make",
     "from_config", "default_settings", "ddim_update", "dpmpp_update",
-    "ddpm_step", "ddim_step", "dpm_solver_pp_step", "make_timesteps", "sample",
-    "METHODS", "SPACINGS", "DEFAULT_SPACING",
+    "ddpm_step", "ddim_step", "dpm_solver_pp_step", "sample",
 ]
 
 
@@ -122,7 +122,7 @@ def _half_log_snr(a, s):
     return jnp.log(a) - jnp.log(jnp.where(s > 0, s, 1.0))
 
 
-def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
+def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2, d2_weight: float = 1.0):
     """One DPM-Solver++ multistep update (Lu et al. 2022) in data-prediction form,
     h = lambda_next - lambda, x_next = (s_next / s) x - a_next (exp(-h) - 1) D:
 
@@ -130,18 +130,26 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
       order 2 (2M, Algorithm 2): D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h;
       order 3 (3M): with r0 = h_prev / h, r1 = h_prev2 / h, D1_0 = (x0 - x0_prev) / r0,
         D1_1 = (x0_prev - x0_prev2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h x0',
-        D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2:
-        x_next = (s_next / s) x - a_next (e^-h - 1) x0 + a_next ((e^-h - 1) / h + 1) D1
-                 - 2 a_next ((e^-h - 1 + h) / h^2 - 1/2) D2,
-        the Taylor terms of x_next = (s_next / s) x + s_next int e^lambda x0(lambda) d lambda
-        (exact when x0 is quadratic in lambda; tests/test_samplers.py). diffusers' scheduler
-        writes the D2 term without the factor 2, which leaves its update third order locally
-        (like 2M's) instead of fourth.
+        D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2, phi_2 = (e^-h - 1) / h + 1,
+        phi_3 = (e^-h - 1 + h) / h^2 - 1/2:
+        x_next = (s_next / s) x - a_next (e^-h - 1) x0 + a_next phi_2 D1 - w a_next phi_3 D2,
+        after a second-order warm-up step x_next = (s_next / s) x - a_next (e^-h - 1) x0
+        + a_next phi_2 D1_0 (the same expansion one term shorter).
 
-    history: ((x0_prev, a_prev, s_prev), (x0_prev2, a_prev2, s_prev2)) as far as needed, each
-    with a `use` mask through `order`. Into clean data (s_next = 0, h = inf) the update is
-    x_next = x0, the first-order limit. A previous point at lambda = -inf (pure noise) gives
-    r = inf, so the update falls back to the lower order there by itself.
+    d2_weight w: 1 (default) is the 3M of DPM-Solver's reference code, k-diffusion
+    (`sample_dpmpp_3m_sde`, eta = 0) and diffusers. w = 2 is the Taylor term of
+    x_next = (s_next / s) x + s_next int e^lambda x0(lambda) d lambda: exact when x0 is
+    quadratic in lambda, local error O(h^4), third order as h -> 0, where w = 1 is second
+    order. With 10 to 40 calls on EDM's rho = 7 grid w = 2 is the worse one (1.6-2x on a
+    two-mode law, docs/samplers.md): where the data prediction bends (sigma of the order
+    of the data's spread) a full curvature term extrapolated from the last three calls
+    overshoots; w = 2 wins from about 80 calls on.
+
+    history: ((x0_prev, a_prev, s_prev, use), (x0_prev2, a_prev2, s_prev2, use)) as far as
+    needed, each `use` a mask of whether that call happened. Into clean data (s_next = 0,
+    h = inf) the update is x_next = x0, the first-order limit. A previous point at
+    lambda = -inf (pure noise) gives r = inf, so the update falls back to the lower order
+    there by itself.
     """
     final = s_next == 0
     lam, lam_n = _half_log_snr(a, s), _half_log_snr(a_next, s_next)
@@ -161,15 +169,16 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2):
     third = jnp.logical_and(use_pp, second)
     r1 = jnp.where(third, (lam_p - _half_log_snr(a_pp, s_pp)) / h, 1.0)
     r0 = jnp.where(third, r0, 1.0)
-    d1_0 = (x0 - x0_p) / r0
+    em1 = jnp.expm1(-h)
+    phi_2, phi_3 = em1 / h + 1.0, (em1 + h) / (h * h) - 0.5
+    d1_0 = (x0 - x0_p) / jnp.where(second, (lam - lam_p) / h, 1.0)
     d1_1 = (x0_p - x0_pp) / r1
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    em1 = jnp.expm1(-h)
-    third_order = (ratio * x - a_next * em1 * x0 + a_next * (em1 / h + 1.0) * d1
-                   - 2.0 * a_next * ((em1 + h) / (h * h) - 0.5) * d2)
-    second_order = ratio * x + phi * (x0 + c * (x0 - x0_p))
-    return jnp.where(third, third_order, second_order)
+    first_order = ratio * x + phi * x0
+    third_order = first_order + a_next * phi_2 * d1 - d2_weight * a_next * phi_3 * d2
+    second_order = first_order + a_next * phi_2 * d1_0
+    return jnp.where(third, third_order, jnp.where(second, second_order, first_order))
 
 
 # ----------------------------------------------------------------------------- time grids
@@ -585,7 +594,8 @@ def _second_order_scan(denoise, process, x, ts, keep, churn):
         if churn is not None:  # y_hat = y_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z, x = a y
             sig_i, sig_h = s_i / a_i, sh / ah
             extra = jnp.sqrt(jnp.maximum(sig_h**2 - sig_i**2, 0.0)) * churn[1]
-            x = (ah / a_i) * x + ah * extra * jax.random.normal(k, x.shape, x.dtype)
+            churned = (ah / a_i) * x + ah * extra * jax.random.normal(k, x.shape, x.dtype)
+            x = jnp.where(th != t_i, churned, x)  # unchurned steps as they are (flow's a = 0 at t = 1)
         pred = denoise(x, th)
         x_e = an * pred.x0 + sn * pred.eps  # Euler: y_e = y + (sigma_n - sigma) eps_hat
 
@@ -631,8 +641,10 @@ class DPMSolverPP(Sampler):
 @register
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPP3M(DPMSolverPP):
-    """DPM-Solver++(3M): multistep, third order in lambda after two warm-up steps
-    (first, then second order), first order into clean data (`dpmpp_update`)."""
+    """DPM-Solver++(3M): multistep with the curvature term of DPM-Solver's reference code and
+    k-diffusion (`dpmpp_update`, d2_weight = 1) after a first- and a second-order warm-up
+    step, first order into clean data; its outputs match k-diffusion's
+    `sample_dpmpp_3m_sde(eta=0)` on EDM's Karras grid (tests/test_samplers.py)."""
 
     name: ClassVar[str] = "dpm_solver_pp_3m"
     order: ClassVar[int] = 3
@@ -676,6 +688,7 @@ def draw(sampler: Sampler, denoise, process, shape, key, *, return_trajectory=Fa
 
 
 # ----------------------------------------------------------------------------- DDPM API
+# One step at given integer times, over the updates above; `sample` is `draw` on DDPM.
 
 
 def _alpha_sigma_ext(schedule: Schedule, t, ndim: int):
@@ -735,76 +748,45 @@ def dpm_solver_pp_step(schedule: Schedule, x_t, t, t_prev, model_output, *, prev
     return dpmpp_update(x_t, x0, a_t, s_t, a_n, s_n, ((prev_x0, a_p, s_p, True),), order=2), x0
 
 
-# Lower end of the legacy "logsnr" spacing: sigma / alpha = 80, EDM's sigma_max.
-LOGSNR_SPACING_MIN_LAMBDA = -math.log(80.0)
-
-SPACINGS = ("leading", "trailing", "linspace", "logsnr")
-METHODS = ("ddpm", "ddim", "dpm_solver_pp")  # what `sample` runs
-DEFAULT_SPACING = {m: "logsnr" for m in METHODS}
-
-
-def _legacy_logsnr(schedule, n):
-    """T - 1, then half log-SNR uniform on [max(lambda_{T-1}, -log 80), lambda_0], nearest t;
-    numpy for a concrete schedule, jnp for a traced one."""
-    try:
-        ab, xp = np.asarray(schedule.alphas_cumprod, dtype=np.float64), np
-    except jax.errors.TracerArrayConversionError:
-        ab, xp = schedule.alphas_cumprod, jnp
-    lam = 0.5 * (xp.log(ab) - xp.log1p(-ab))
-    targets = xp.linspace(xp.maximum(lam[-1], LOGSNR_SPACING_MIN_LAMBDA), lam[0], n)
-    return nearest_decreasing_steps(lam, targets, xp)
-
-
-def make_timesteps(schedule: Schedule, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
-    """Decreasing int32 timesteps t_1 > ... > t_N in [0, T) of the DDPM API (`sample`):
-    "leading", "trailing", "linspace" (`time_grid`'s "leading", "trailing", "linear") or
-    "logsnr" (T - 1, then uniform half log-SNR from sigma = 80; traceable). The sampler then
-    steps from t_N to t = -1 (clean data)."""
-    _check("timestep_spacing", spacing, SPACINGS)
-    T = schedule.num_timesteps
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be an integer in [1, num_timesteps={T}], got {num_steps!r}")
-    if spacing == "logsnr":
-        ts = _legacy_logsnr(schedule, int(num_steps))
-    else:
-        grid = {"linspace": "linear"}.get(spacing, spacing)
-        ts = time_grid(DDPM(schedule), int(num_steps), grid)[:-1]
-    if isinstance(ts, np.ndarray):
-        ts = ts.astype(np.int32)
-        assert np.all(np.diff(ts) < 0) and ts[0] <= T - 1 and ts[-1] >= 0, ts
-    return ts
+# Old name of the argument `sample` calls `grid`; "linspace" was `grid`'s "linear".
+_SPACING_ALIASES = {"linspace": "linear"}
 
 
 def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
            num_steps: int | None = None, prediction: str = "eps", variance: str = "small",
-           eta: float = 0.0, clip_x0=None, timestep_spacing: str | None = None,
+           eta: float = 0.0, clip_x0=None, grid: str = "", timestep_spacing: str | None = None,
            return_trajectory: bool = False):
-    """The DDPM API: samples x0 of `shape` from x_T ~ N(0, I) with `method` in METHODS.
+    """The registered sampler `method` on the DDPM process of `schedule`, for a
+    `denoise_fn(x_t, t) -> model output` (t int32 [B]) of type `prediction`: exactly
 
-    denoise_fn(x_t, t) -> model output (t int32 [B]); num_steps=None means all T timesteps;
-    timestep_spacing in SPACINGS (None: "logsnr"). Returns x0, or (x0, trajectory
-    [num_steps + 1, *shape] from x_T). For other processes and samplers use `draw`."""
-    _check("method", method, METHODS)
+        process = DDPM(schedule, variance)
+        draw(make(method, num_steps=n, grid=grid[, eta=eta]), denoiser(denoise_fn, process,
+             prediction, clip_x0), process, shape, key)
+
+    so its default grids are the samplers' (`time_grid`; "cosine_half" for ddim and euler,
+    "logsnr" for DPM-Solver++, "cosine" for respaced ddpm) and a grid given by name gives
+    the same bits as `draw`. num_steps=None: all T steps (ddpm: the full ancestral chain).
+    timestep_spacing is the old name of `grid` ("linspace" = "linear"; "logsnr" is now
+    `time_grid`'s, no longer floored at sigma = 80). Returns x0, or (x0, trajectory
+    [num_steps + 1, *shape] from x_T). A schedule traced by jit needs a grid that uses its
+    length only: "leading", "trailing", "linear" or ddpm's full chain."""
+    _check("method", method, SAMPLERS)
     _check("prediction", prediction, PREDICTIONS)
     _check("variance", variance, VARIANCES)
-    spacing = DEFAULT_SPACING[method] if timestep_spacing is None else timestep_spacing
-    _check("timestep_spacing", spacing, SPACINGS)
+    if timestep_spacing is not None:
+        if grid:
+            raise ValueError(f"sample: give grid={grid!r} or its old name timestep_spacing="
+                             f"{timestep_spacing!r}, not both")
+        grid = _SPACING_ALIASES.get(timestep_spacing, timestep_spacing)
+        _check("timestep_spacing", grid, GRIDS)
+    n = schedule.num_timesteps if num_steps is None else num_steps
+    settings = {"eta": eta} if "eta" in {f.name for f in dataclasses.fields(SAMPLERS[method])} else {}
+    sampler = make(method, num_steps=n, grid=grid, **settings)
     process = DDPM(schedule, variance=variance)
-    T = schedule.num_timesteps
-    n = T if num_steps is None else num_steps
-    if method == "ddpm" and n == T:
-        ts = jnp.arange(T - 1, -2, -1, dtype=jnp.int32)
-    else:
-        ts = make_timesteps(schedule, n, spacing)
-        ts = jnp.concatenate([jnp.asarray(ts, jnp.int32), jnp.full((1,), -1, jnp.int32)])
+    try:
+        sampler.times(process)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"sample: grid {grid or sampler.default_grid!r} needs a concrete schedule, "
+                         "got a traced one; close over the schedule or use grid='trailing'") from None
     denoise = denoiser(lambda x, t: denoise_fn(x, t), process, prediction, clip_x0)
-    if method == "dpm_solver_pp":
-        sampler, x_T, k_steps = DPMSolverPP(num_steps=n), jax.random.normal(key, tuple(shape), jnp.float32), None
-    else:
-        k_init, k_steps = jax.random.split(key)
-        x_T = jax.random.normal(k_init, tuple(shape), jnp.float32)
-        sampler = Ancestral(num_steps=n) if method == "ddpm" else DDIM(num_steps=n, eta=eta)
-    if method == "ddpm" and n != T and variance != "small":
-        raise ValueError(f"method='ddpm' with num_steps={n} < T={T} (respaced) supports variance='small' "
-                         f"only, got {variance!r}; use num_steps=None for all T steps")
-    return sampler(denoise, process, x_T, k_steps, ts=ts, return_trajectory=return_trajectory)
+    return draw(sampler, denoise, process, shape, key, return_trajectory=return_trajectory)

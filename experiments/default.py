@@ -28,10 +28,13 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     # --- diffusion process and loss (diffusion_jax.processes, diffusion_jax.objectives) ---
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.process = "ddpm"  # ddpm | vp | edm | flow
-    # network output: ddpm eps|x0|v|score; vp also velocity; edm edm|x0|eps|v; flow velocity|x0|v
-    config.diffusion.prediction = "eps"
-    # loss weight: none (the output's own MSE) | eps | x0 | min_snr; continuous processes also v | velocity | edm
-    config.diffusion.loss_weighting = "none"
+    # network output: ddpm eps|x0|v|score; vp also velocity; edm edm|x0|eps|v; flow velocity|x0|v;
+    # "" = the process's own: eps for ddpm and vp, edm for edm, velocity for flow (filled in,
+    # and stored so in checkpoints, by diffusion_jax.train.config.validate)
+    config.diffusion.prediction = ""
+    # loss weight: none (the output's own MSE) | eps | x0 | min_snr; continuous processes also v | velocity | edm;
+    # "" = the process's own: none for ddpm, vp and flow (eps / velocity MSE), edm for edm
+    config.diffusion.loss_weighting = ""
     config.diffusion.min_snr_gamma = 5.0  # gamma > 0 of the min-SNR weighting
     # ddpm only: the discrete schedule, its T and reverse variance, and the hybrid loss
     config.diffusion.schedule = "linear"  # a name in diffusion_jax.schedules.NAMES

@@ -91,3 +91,34 @@ def test_compiler_timeout(monkeypatch, tmp_path):
     monkeypatch.setenv(native.COMPILE_TIMEOUT_ENV_VAR, "0.5")
     with pytest.raises(RuntimeError, match=r"took over 0.5 s"):
         native._compile(["sh", "-c", "sleep 5"], str(tmp_path / "x.so"))
+
+
+def test_truncated_or_altered_cached_library_is_rebuilt_before_any_load(tmp_path, tiny_so):
+    """Issue #21: a cached library cut to its first 4,096 bytes killed the process inside the
+    loader (SIGBUS, exit 135). Its SHA-256, recorded beside it when it was written, no longer
+    matches, so it is rebuilt without being loaded; likewise when the record is damaged or
+    missing. In fresh processes (tests/programs/native_cache_load.py)."""
+    import hashlib
+    import sys
+
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs", "native_cache_load.py")
+    (tmp_path / "tiny.so").write_bytes(tiny_so)
+    env = dict(os.environ, **{native.CACHE_ENV_VAR: str(tmp_path / "cache"), "DIFFUSION_JAX_NATIVE": "1"})
+
+    def load():
+        done = subprocess.run([sys.executable, program, str(tmp_path / "tiny.so"), str(tmp_path)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # -7: SIGBUS
+        return done.stdout
+
+    assert "available=True builds=1" in load()
+    (lib,) = (tmp_path / "cache").glob("cpu_kernels-*.so")
+    record = lib.with_name(lib.name + ".sha256")
+    assert record.read_text().strip() == hashlib.sha256(tiny_so).hexdigest()
+    assert "available=True builds=0" in load()  # verified: not built again
+    for damage in (lambda: os.truncate(lib, 4096), lambda: record.write_text("0" * 64),
+                   lambda: record.unlink()):
+        damage()
+        assert "available=True builds=1" in load()
+        assert lib.read_bytes() == tiny_so and record.read_text().strip() == hashlib.sha256(tiny_so).hexdigest()
+    assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name, record.name]  # no temporary files left

@@ -190,7 +190,7 @@ def test_ddpm_samples_on_given_grids_are_bit_identical_to_17866ad(name):
     process = processes.DDPM(sch)
     key = jax.random.fold_in(jax.random.PRNGKey(0), 3)
     k_init, k_steps = jax.random.split(key)
-    for spacing in samplers.SPACINGS:
+    for spacing in ("leading", "trailing", "linspace", "logsnr"):  # the grids recorded at 17866ad
         grid = np.concatenate([REFERENCE[f"grid/{name}/{spacing}"], [-1]]).astype(np.int32)
         for method, sampler in (("ddim", samplers.DDIM()), ("ddim_eta", samplers.DDIM(eta=0.5)),
                                 ("dpm_solver_pp", samplers.DPMSolverPP()), ("ddpm", samplers.Ancestral())):

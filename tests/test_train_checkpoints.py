@@ -64,11 +64,40 @@ def test_damaged_and_empty_newest_steps_fall_back_to_the_newest_that_restores(tm
     assert all("\n" not in m for m in skipped)
 
 
+def test_damaged_latest_step_is_moved_aside_and_never_blocks_a_later_save(tmp_path, caplog):
+    """Issue #21 (checkpoint_every_steps=2, keep_checkpoints=3, the largest file of step 6 cut to
+    16 bytes, then on to step 9): the resume restores step 4 and moves step 6 to
+    checkpoints/damaged/6 (logged, kept); saving 6, 8 and 9 again works (it stopped with
+    StepAlreadyExistsError) and step 6 is never the damaged one again."""
+    d = _save_steps(tmp_path, [2, 4, 6], keep=3)
+    path = _largest_file(d / "6")
+    with open(path, "r+b") as f:
+        f.truncate(16)
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3, async_save=False)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume(ABSTRACT, config=smoke.get_config()).step == 4
+    moved = [r.getMessage() for r in caplog.records if "moved damaged checkpoint" in r.getMessage()]
+    assert len(moved) == 1 and "checkpoints/damaged/6" in moved[0], moved
+    assert ckpt.all_steps() == [2, 4] and os.path.isdir(d / "damaged" / "6")
+    for s in (6, 8, 9):
+        ckpt.save(s, {"w": np.full((3,), s, np.float32)}, {"next_batch": s}, smoke.get_config())
+        ckpt.wait()
+    ckpt.close()
+    assert sorted(os.listdir(d)) == ["6", "8", "9", "damaged"]
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3)
+    try:
+        assert ckpt.resume(ABSTRACT, config=smoke.get_config(), step=6).data_state == {"next_batch": 6}
+        assert ckpt.resume(ABSTRACT, config=smoke.get_config()).step == 9
+    finally:
+        ckpt.close()
+
+
 def test_no_restorable_step_is_an_error_not_a_fresh_start(tmp_path):
     d = _save_steps(tmp_path, [1])
     (d / "1" / "config" / "metadata").write_text("{not json")
     with pytest.raises(ValueError, match=r"no checkpoint in .*checkpoints restores \(step 1: "):
         _restore(tmp_path)
+    assert sorted(os.listdir(d)) == ["1"]  # nothing moved: a rerun stops again instead of starting afresh
 
 
 def test_interrupted_saves_are_removed(tmp_path):

@@ -42,3 +42,28 @@ def test_unbounded_fields_say_finite_and_finite_values_pass():
         config_lib.validate(config)
     config.training.learning_rate = 1e30  # large but finite: a range check's business, not this one's
     config_lib.validate(config)
+
+
+OWN = {"ddpm": ("eps", "none"), "vp": ("eps", "none"), "edm": ("edm", "edm"), "flow": ("velocity", "none")}
+
+
+def test_one_field_switches_the_formulation(env):
+    """experiments/smoke.py with only diffusion.process changed, for all four processes (issue
+    #21; flow used to stop on prediction 'eps'): the process's own prediction and loss
+    weighting are filled in, one train step gives a finite loss and every registered sampler
+    draws finite images (tests/programs/switch_process.py, in a fresh process with the suite's
+    cheap-compile settings, tests/conftest.py)."""
+    import math
+    import subprocess
+
+    program = os.path.join(REPO, "tests", "programs", "switch_process.py")
+    done = subprocess.run([sys.executable, program, *OWN], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in ([p] for p in OWN)}
+    from diffusion_jax import samplers
+
+    for process, (prediction, weighting) in OWN.items():
+        _, got_prediction, got_weighting, loss, finite = lines[process]
+        assert (got_prediction, got_weighting) == (prediction, weighting), lines[process]
+        assert math.isfinite(float(loss.split("=")[1])), lines[process]
+        assert finite.split("=")[1].split(",") == list(samplers.NAMES), lines[process]

@@ -67,7 +67,7 @@ def save_class_grid(images, labels, path: str, *, num_classes: int, per_class: i
 def save_denoising_strip(trajectory, timesteps, path: str, *, num_columns: int = 8) -> str:
     """PNG: rows = samples, columns = x_t at `num_columns` points of the reverse process.
 
-    trajectory [S+1, B, H, W, C] from `samplers.sample(..., return_trajectory=True)`: entry
+    trajectory [S+1, B, H, W, C] from `samplers.draw(..., return_trajectory=True)`: entry
     0 is the start noise, entry i < S the state fed to the model at timesteps[i], entry S
     the final sample. Columns are labelled in the papers' 1-based notation (index t is
     x_{t+1}; the final column is x_0).

@@ -159,7 +159,7 @@ class Generator:
 def _bpd(config, params, settings, test_images, out_dir) -> dict:
     """Test-set bits/dim of the unconditional model (the null label of CFG training; Ho &
     Salimans 2022): the variational bound for ddpm, the probability-flow ODE otherwise."""
-    from diffusion_jax import models, samplers
+    from diffusion_jax import models, processes, samplers
 
     from diffusion_jax.train import sampling
 
@@ -168,7 +168,7 @@ def _bpd(config, params, settings, test_images, out_dir) -> dict:
     batch = min(int(settings["bpd_batch_size"]), n)
     uncond = models.null_cond(config.model, batch) if num_classes > 0 else None
     key = jax.random.PRNGKey(settings["seed"] + 17)
-    prediction = config.diffusion.prediction
+    prediction = processes.own_objective(process, config.diffusion.prediction)[0]  # "": the process's own
     if process.discrete:
         def denoise(p, x_t, t):
             return sampling.make_denoise_fn(config, p, uncond, 0.0)(x_t, t)

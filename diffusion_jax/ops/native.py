@@ -18,8 +18,11 @@ with the system C++ compiler against
 caches the shared library under ``$DIFFUSION_JAX_CACHE`` (default
 ``~/.cache/diffusion_jax``; the file name hashes the source, the compiler
 command, the jaxlib version and this CPU's model and flags; written to a
-temporary name and renamed, so a crash never leaves a half-written library
-behind) and registers the handlers
+temporary name, fsynced and renamed, so a crash never leaves a half-written library
+behind) with its SHA-256 recorded beside it (``<name>.sha256``, written the same way)
+and verified before every load: a library that does not match its record (truncated,
+altered, or without a record) is rebuilt, never loaded, since loading a truncated
+library kills the process (SIGBUS inside the loader). It then registers the handlers
 with `jax.ffi.register_ffi_target` for the CPU platform.
 
 Loading a library runs its code in this process, so the cache is trusted only
@@ -153,19 +156,58 @@ def _build(rebuild: bool = False) -> Path:
         "\0".join([_SOURCE.read_text(), *cmd, jaxlib.__version__, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     out = _safe_cache_dir() / f"cpu_kernels-{key}.so"
+    record = _record(out)
     if out.exists() and not rebuild:
         _check_owned(out)
-        return out
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        if _matches_record(out, record):
+            return out
+        _log.warning("cached native kernels %s do not match their recorded SHA-256 (%s): rebuilding them",
+                     out, record.name)
+    _write_atomically(out, lambda tmp: _compile(cmd, tmp), mode=0o755)
+    # The record after the library: a library whose record is missing or stale is rebuilt.
+    digest = _sha256(out)
+    _write_atomically(record, lambda tmp: Path(tmp).write_text(digest + "\n"), mode=0o644)
+    return out
+
+
+def _record(library: Path) -> Path:
+    """Where the SHA-256 of a cached library is recorded: <library>.sha256."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _matches_record(path: Path, record: Path) -> bool:
+    """True when `record` is ours and holds the SHA-256 of `path`'s bytes."""
+    if not record.exists():
+        return False
+    _check_owned(record)
+    return record.read_text().strip() == _sha256(path)
+
+
+def _write_atomically(path: Path, write, *, mode: int) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is then fsynced, given `mode`
+    and renamed over `path`, and the folder fsynced: readers see the old file or the whole
+    new one, also after a crash or power loss."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        _compile(cmd, tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _compile(cmd: list[str], out: str) -> None:

@@ -18,7 +18,11 @@ or `kill -9` is never listed as a step and never restored; the temporary
 directories such saves leave are removed when a trainer opens the workdir
 (`remove_interrupted_saves`). A step that is listed but does not restore (a
 truncated file, an empty directory) is reported in one log line and skipped:
-`restore` returns the newest step that restores.
+`restore` returns the newest step that restores. A trainer (a writable Checkpointer) moves
+such a step aside to <workdir>/checkpoints/damaged/<step> (kept for inspection, logged), so
+that it is never listed or chosen again and a later save of the same step can be written;
+it does so once an older step has restored (with none restorable, nothing is moved and the
+run stops, never starting afresh).
 """
 
 from __future__ import annotations
@@ -235,6 +239,7 @@ class Checkpointer:
             },
         )
         self._saving: int | None = None  # step of a save started and not yet checked
+        self.read_only = read_only
 
     def latest_step(self) -> int | None:
         """Newest finalised step (it may still fail to restore: see `restore`)."""
@@ -304,6 +309,24 @@ class Checkpointer:
                         self.directory / str(step), text)
         return text
 
+    def _move_aside(self, steps: list[int]) -> None:
+        """Moves damaged steps to checkpoints/damaged/<step> (<step>.1, ... if taken), so that
+        they are no longer listed and a later save may write those steps again. Only a
+        trainer's Checkpointer (not read-only), on process 0."""
+        if not steps or self.read_only or jax.process_index() != 0:
+            return
+        damaged = os.path.join(str(self.directory), "damaged")
+        os.makedirs(damaged, exist_ok=True)
+        for step in steps:
+            source = os.path.join(str(self.directory), str(step))
+            target, n = os.path.join(damaged, str(step)), 0
+            while os.path.exists(target):
+                n += 1
+                target = os.path.join(damaged, f"{step}.{n}")
+            os.rename(source, target)
+            logging.warning("moved damaged checkpoint %s to %s (kept for inspection)", source, target)
+        self.manager.reload()
+
     def _newest_first(self, step: int | None) -> list[int]:
         return [step] if step is not None else sorted(self.all_steps(), reverse=True)
 
@@ -326,19 +349,21 @@ class Checkpointer:
         are skipped with one log line each; ValueError when there are steps but
         none restores.
         """
-        failures = []
+        failures, damaged = [], []
         for s in self._newest_first(step):
             where = str(self.directory / str(s))
             try:
                 saved = self.saved_config(s) if config is not None else None
             except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
                 failures.append(self._skip(s, e))
+                damaged.append(s)
                 continue
             changes = [] if config is None else check_config(
                 saved, config, where, allow_config_change=allow_config_change)
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+                self._move_aside(damaged)
                 return Restored(s, restored.state, restored.data, changes, False)
             except Exception as e:  # noqa: BLE001
                 error = e
@@ -350,10 +375,12 @@ class Checkpointer:
                     state = self.restore_parts(s, parts)
                     data = self.manager.restore(
                         s, args=ocp.args.Composite(data=DataStateRestore())).data
+                    self._move_aside(damaged)
                     return Restored(s, state, data, changes, True)
                 except Exception:  # noqa: BLE001
                     pass
             failures.append(self._skip(s, error))
+            damaged.append(s)
         if failures:
             raise ValueError(
                 f"no checkpoint in {self.directory} restores ({'; '.join(failures)}); "

@@ -84,8 +84,8 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         raise _fail("model.cond_dim", "0 for training (no dataset provides text embeddings)",
                     config.model.cond_dim)
 
-    # Diffusion process and loss.
-    process = _process(config)
+    # Diffusion process and loss ("" = the process's own, filled in here: `resolve`).
+    process = resolve(config)
     for field, names in (("prediction", process.predictions),
                          ("loss_weighting", objectives.weighting_names(process))):
         if config.diffusion[field] not in names:
@@ -151,6 +151,19 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     if config.model.num_classes == 0 and config.sample.guidance_scale > 0:
         raise _fail("sample.guidance_scale", "0 for an unconditional model (model.num_classes=0)",
                     config.sample.guidance_scale)
+
+
+def resolve(config: Any):
+    """Fills config.diffusion.prediction and .loss_weighting where they are "" (their default:
+    the process's own, `processes.own_objective`) in place, so that the config stored with
+    checkpoints and in config.json, and compared on resume, holds the real values; returns
+    the process. `validate` (hence every launch mode) calls it first."""
+    from diffusion_jax import processes
+
+    process = _process(config)
+    d = config.diffusion
+    d.prediction, d.loss_weighting = processes.own_objective(process, d.prediction, d.loss_weighting)
+    return process
 
 
 def _process(config: Any):

@@ -48,7 +48,7 @@ def make_denoiser(config: Any, params: Any, cond: Any = None, guidance_scale: An
     With config.sample.guidance_interval = (lo, hi) the guidance scale is w where the noise
     level sigma(t) = s(t) / a(t) lies in (lo, hi] and 0 elsewhere (Kynkaenniemi et al. 2024)."""
     process = make_process(config) if process is None else process
-    prediction, clip = config.diffusion.prediction, clip_bound(config)
+    prediction, clip = processes.own_objective(process, config.diffusion.prediction)[0], clip_bound(config)
     interval = tuple(config.sample.get("guidance_interval", ()))
     plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 0
     if not interval or plain or cond is None:

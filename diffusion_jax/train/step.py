@@ -58,6 +58,7 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
     if isinstance(process, processes.Schedule):
         process = processes.DDPM(process, variance=config.diffusion.variance)
     mc, dc, tc = config.model, config.diffusion, config.training
+    prediction, weighting = processes.own_objective(process, dc.prediction, dc.loss_weighting)  # "": its own
     num_classes = int(mc.num_classes)
     cond_drop_prob = float(tc.cond_drop_prob) if num_classes > 0 else 0.0
 
@@ -81,7 +82,7 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
                               rngs={"dropout": dropout_key})
             losses = objectives.training_losses(
                 process, out, x0, t, noise,
-                prediction=dc.prediction, weighting=dc.loss_weighting,
+                prediction=prediction, weighting=weighting,
                 min_snr_gamma=dc.min_snr_gamma, learn_variance=bool(mc.learn_sigma),
                 vlb_weight=dc.vlb_weight,
             )
