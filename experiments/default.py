@@ -106,4 +106,5 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.parallel.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or auto-detect
     config.parallel.num_processes = -1  # processes in the job; -1 = $JAX_NUM_PROCESSES or auto-detect
     config.parallel.process_id = -1  # this process's index; -1 = $JAX_PROCESS_ID or auto-detect
+    config.parallel.fsdp = 1  # integer >= 1 dividing the device count; mesh (data, fsdp): params, Adam state and EMA split over fsdp (1 = data parallel)
     return config

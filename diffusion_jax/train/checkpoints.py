@@ -380,8 +380,12 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any, sharding: Any) -> Any:
-    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `sharding`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `sharding`: one
+    Sharding for every leaf, or a pytree of them shaped like `tree` (FSDP). Orbax
+    restores onto these shardings whatever mesh wrote the checkpoint."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
 
 
 def restore_ema(config: Any, workdir: str, step: int | None = None, *,

@@ -4,7 +4,7 @@
 naming the config field and what is allowed: unknown names (model, schedule,
 sampler, dataset, prediction target, ...), out-of-range values, an image size
 the UNet's levels cannot halve (via `models.validate`), a global batch that
-does not divide over the devices.
+does not divide over the devices, an FSDP size (parallel.fsdp) that does not.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         raise _fail(t + "batch_size", f"divisible by the device count {num_devices}", batch)
     if batch % process_count:
         raise _fail(t + "batch_size", f"divisible by the process count {process_count}", batch)
+    _in_range(config, "parallel.fsdp", 1, None, integer=True)
+    if num_devices % config.parallel.fsdp:
+        raise _fail("parallel.fsdp", f"a divisor of the device count {num_devices}", config.parallel.fsdp)
 
     # Sampling: the sampler validates its own settings, the process its grid.
     _one_of(config, "sample.method", tuple(samplers.NAMES))

@@ -107,10 +107,11 @@ def train(config: Any, workdir: str, *,
             lock.release()
 
 
-def _resume(config, workdir, ckpt, init, init_key, tx, repl,
+def _resume(config, workdir, ckpt, init, init_key, tx, shardings,
             allow_config_change) -> tuple[TrainState, dict | None]:
-    """(state, data-iterator state or None): the checkpoint's, or a fresh state; records the start."""
-    abstract = checkpoints.abstract_like(jax.eval_shape(init, init_key), repl)
+    """(state, data-iterator state or None): the checkpoint's, or a fresh state; records the start.
+    The checkpoint is read straight onto `shardings` (this run's mesh), whatever mesh wrote it."""
+    abstract = checkpoints.abstract_like(jax.eval_shape(init, init_key), shardings)
     restored = ckpt.resume(abstract, config=config, allow_config_change=allow_config_change)
     primary = jax.process_index() == 0
     if primary:
@@ -130,7 +131,7 @@ def _resume(config, workdir, ckpt, init, init_key, tx, repl,
     if restored.opt_state_reset:
         parts = restored.state
         state = jax.jit(lambda p: TrainState(step=p["step"], params=p["params"], ema_params=p["ema_params"],
-                                             opt_state=tx.init(p["params"])), out_shardings=repl)(parts)
+                                             opt_state=tx.init(p["params"])), out_shardings=shardings)(parts)
         logging.warning("the optimiser state of checkpoint %d does not fit the changed config.training: "
                         "it starts again from zero (parameters and EMA restored)", restored.step)
     else:
@@ -151,7 +152,7 @@ def _resume(config, workdir, ckpt, init, init_key, tx, repl,
 def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainState:
     tc = config.training
     primary = jax.process_index() == 0
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(fsdp=config.parallel.fsdp)
     repl = parallel.replicated_sharding(mesh)
     model = models.create(config.model)
     process = sampling.make_process(config)
@@ -164,13 +165,15 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
     try:
         key = jax.random.PRNGKey(config.seed)
         init_key, step_key, sample_key = (parallel.replicate_array(mesh, k) for k in jax.random.split(key, 3))
-        init = jax.jit(lambda k: create_train_state(model, config.model, tx, k), out_shardings=repl)
+        create = lambda k: create_train_state(model, config.model, tx, k)  # noqa: E731
+        shardings = parallel.state_sharding(mesh, jax.eval_shape(create, init_key))
+        init = jax.jit(create, out_shardings=shardings)
         data_iter = make_train_iterator(config)
-        state, data_state = _resume(config, workdir, ckpt, init, init_key, tx, repl, allow_config_change)
+        state, data_state = _resume(config, workdir, ckpt, init, init_key, tx, shardings, allow_config_change)
         if data_state is not None:
             data_iter.set_state(data_state)
 
-        train_step = jit_train_step(make_train_step(config, model, process, tx, lr_schedule), mesh)
+        train_step = jit_train_step(make_train_step(config, model, process, tx, lr_schedule), mesh, shardings)
         labels, ncol = sampling.grid_labels(config)
         num_grid = len(labels) if labels is not None else ncol * ncol
         sample_fn = sampling.make_sample_fn(config, num_grid, out_sharding=repl)
