@@ -77,25 +77,25 @@ def _assert_trees_close(got, want, **tol):
         np.testing.assert_allclose(got[k], want[k], err_msg=k, **tol)
 
 
-def test_fsdp_1_2_4_8_give_the_data_parallel_losses_and_split_the_state(eight):
+def test_fsdp_2_and_8_give_the_data_parallel_losses_and_split_the_state(eight):
     res, _ = eight
     dp = res["dp"]
     assert dp["sharded_leaves"] == 0
-    for fsdp in (2, 4, 8):
+    for fsdp in (2, 8):  # fsdp = 4: the trainer's steps 1-3 in the next test
         r = res[f"fsdp{fsdp}"]
         np.testing.assert_allclose(r["losses"], dp["losses"], rtol=LOSS_RTOL, err_msg=f"fsdp={fsdp}")
         _assert_trees_close(r["params"], dp["params"], **PARAM_TOL)
         _assert_trees_close(r["ema"], dp["ema"], **PARAM_TOL)
         assert r["sharded_leaves"] > 0
     # device 0 holds less with every doubling (the small arrays stay replicated)
-    held = [res[k]["device0_bytes"] for k in ("dp", "fsdp2", "fsdp4", "fsdp8")]
-    assert held[0] > held[1] > held[2] > held[3], held
+    held = [res[k]["device0_bytes"] for k in ("dp", "fsdp2", "fsdp8")]
+    assert held[0] > held[1] > held[2], held
 
 
 def test_checkpoint_of_fsdp_4_resumes_at_fsdp_2_and_restores_onto_one_device(eight):
     res, workdir = eight
     dp, resumed = res["dp"], res["resumed"]
-    # the trainer's losses (steps 1-3 at fsdp = 4, step 4 at fsdp = 2 from the checkpoint)
+    # the trainer's losses: steps 1-3 at fsdp = 4, step 4 at fsdp = 2 from the fsdp = 4 checkpoint
     np.testing.assert_allclose([resumed["losses"][str(s)] for s in range(1, 5)], dp["losses"],
                                rtol=LOSS_RTOL)
     _assert_trees_close(resumed["params"], dp["params"], **PARAM_TOL)
