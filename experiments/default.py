@@ -21,6 +21,8 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.data.dataset = "mnist"  # a name in diffusion_jax.data.DATASETS, or "synthetic" (test-only patterns)
     config.data.data_dir = ""  # prepared-data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.random_flip = False  # bool; horizontal flips (not for digits)
+    config.data.loader = "numpy"  # numpy (the split decoded in memory) | grain (records read from disk, docs/benchmarks.md)
+    config.data.num_workers = 0  # integer >= 0; grain worker processes computing batches (0 = in the trainer)
 
     # --- model (fields documented in diffusion_jax.models.default_config) ---
     config.model = models.default_config(model_name)

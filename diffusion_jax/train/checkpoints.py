@@ -41,6 +41,8 @@ from etils import epath
 # fields added after this list was written, must match (`check_config`).
 RESUMABLE_FIELDS = (
     "experiment", "sample", "eval", "parallel", "data.data_dir",
+    "data.num_workers",  # where batches are computed, not what they are
+    "data.loader",  # a change fails at the data state instead, in one line
     "training.num_steps",  # except with a decaying lr_schedule: see `_resumable`
     "training.log_every_steps", "training.checkpoint_every_steps", "training.sample_every_steps",
     "training.keep_checkpoints", "training.async_checkpointing", "training.progress_bar",

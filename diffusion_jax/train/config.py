@@ -72,6 +72,8 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     except ValueError as e:
         raise ValueError(f"config.data.dataset: {e} (or one of {tuple(data.GENERATED)}, drawn in memory)") from None
     _bool(config, "data.random_flip")
+    _one_of(config, "data.loader", data.LOADERS)
+    _in_range(config, "data.num_workers", 0, None, integer=True)
 
     # Model: names first, then the model workstream's own field checks
     # (image size divisible by the UNet's levels / the DiT's patch, widths, ...).

@@ -60,7 +60,8 @@ def make_train_iterator(config: Any):
         config.data.dataset, "train", batch_size=tc.batch_size, seed=config.seed, shuffle=True,
         random_flip=config.data.random_flip, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=config.data.data_dir or None,
-        geometry=data.model_geometry(config.model))
+        geometry=data.model_geometry(config.model), loader=config.data.get("loader", "numpy"),
+        num_workers=config.data.get("num_workers", 0))
 
 
 def prepare(config: Any) -> None:
