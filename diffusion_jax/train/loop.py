@@ -162,7 +162,7 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)
-    writer = bar = None
+    writer = bar = data_iter = None
     try:
         key = jax.random.PRNGKey(config.seed)
         init_key, step_key, sample_key = (parallel.replicate_array(mesh, k) for k in jax.random.split(key, 3))
@@ -245,5 +245,7 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
             bar.close()
         if writer is not None:
             writer.close()
+        if hasattr(data_iter, "close"):  # grain's worker processes
+            data_iter.close()
         ckpt.close()
     return state
