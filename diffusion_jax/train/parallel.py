@@ -16,7 +16,8 @@ with axes ("data", "fsdp") of sizes (num_devices / fsdp, fsdp), where fsdp is
   `FSDP_MIN_SIZE` elements or no such axis. Each device then holds about
   1 / fsdp of the parameters, Adam moments and EMA; XLA all-gathers a
   layer's parameters where the forward and backward passes need them and
-  reduce-scatters the gradients onto the parameters' sharding, which the
+  reduces the gradients onto the parameters' sharding (on the CPU backend an
+  all-reduce of the full gradient, then this device's slice), which the
   optimiser update and the EMA then keep (they are elementwise).
 
 On several hosts each process feeds only the rows of the global batch that
