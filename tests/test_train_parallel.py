@@ -55,6 +55,8 @@ def test_fsdp_must_divide_the_device_count():
         config_lib.validate(config, num_devices=8)
     config.parallel.fsdp = 4
     config_lib.validate(config, num_devices=8)
+    config.parallel.fsdp = 8  # --mode sample / eval on one device read the EMA whatever the mesh
+    config_lib.validate(config, num_devices=1, training=False)
 
 
 def _result(proc):

@@ -58,8 +58,10 @@ def _bool(config: Any, field: str) -> None:
         raise _fail(field, "True or False", value)
 
 
-def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> None:
-    """Raises ValueError on the first bad field; returns None for a good config."""
+def validate(config: Any, *, num_devices: int = 1, process_count: int = 1, training: bool = True) -> None:
+    """Raises ValueError on the first bad field; returns None for a good config.
+    `training=False` (--mode sample / eval) skips the FSDP mesh check: those modes
+    read the EMA onto whatever devices they have."""
     from diffusion_jax import data, models, objectives, samplers
 
     if not isinstance(config.experiment, str) or not config.experiment.strip():
@@ -129,7 +131,7 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     if batch % process_count:
         raise _fail(t + "batch_size", f"divisible by the process count {process_count}", batch)
     _in_range(config, "parallel.fsdp", 1, None, integer=True)
-    if num_devices % config.parallel.fsdp:
+    if training and num_devices % config.parallel.fsdp:
         raise _fail("parallel.fsdp", f"a divisor of the device count {num_devices}", config.parallel.fsdp)
 
     # Sampling: the sampler validates its own settings, the process its grid.

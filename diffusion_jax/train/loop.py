@@ -64,10 +64,12 @@ def make_train_iterator(config: Any):
         num_workers=config.data.get("num_workers", 0))
 
 
-def prepare(config: Any) -> None:
-    """Multi-host start-up and validation, before any work (idempotent)."""
+def prepare(config: Any, *, training: bool = True) -> None:
+    """Multi-host start-up and validation, before any work (idempotent); `training=False`
+    for --mode sample / eval (no FSDP mesh check, `config_lib.validate`)."""
     parallel.maybe_initialize_distributed(config.parallel)
-    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
+                        training=training)
     config_lib.check_against_dataset(config, *dataset_info(config))
     sampling.parse_labels(config, 1)  # config.sample.labels, before any restore
 
