@@ -63,7 +63,7 @@ def main(argv):
         loop.train(config, workdir, allow_config_change=FLAGS.allow_config_change)  # validates first
         logging.info("done: train in %s", workdir)
         return
-    loop.prepare(config)  # multi-host start-up and validation before any work
+    loop.prepare(config, training=False)  # multi-host start-up and validation before any work
     from diffusion_jax import ops
 
     ops.prepare()  # kernels chosen and built before anything is jitted

@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_data.py --random_flip --batch_size 256
     .venv/bin/python bench/bench_data.py --synthetic          # random 60k x 28x28x1 in a temp dir
     .venv/bin/python bench/bench_data.py --tfds_records 2000  # also time tfds' data source (PNG decode)
+    .venv/bin/python bench/bench_data.py --loader grain [--num_workers 2]  # records read through grain
 
 Prints the median images/s over --repeats timed runs of --batches batches,
 the peak RSS of the process, and the RSS growth from loading and iterating
@@ -42,8 +43,11 @@ def main() -> None:
     p.add_argument("--random_flip", action="store_true")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--synthetic", action="store_true", help="random uint8 data of MNIST's size in a temp dir")
+    p.add_argument("--synthetic_n", type=int, default=60000, help="examples of --synthetic (28x28x1 each)")
     p.add_argument("--tfds_records", type=int, default=0, help="also time reading N records via tfds.data_source")
     p.add_argument("--all_cores", action="store_true", help="do not pin the process to one core")
+    p.add_argument("--loader", default="numpy", choices=("numpy", "grain"))
+    p.add_argument("--num_workers", type=int, default=0, help="grain worker processes (their RSS is not counted)")
     args = p.parse_args()
 
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
@@ -56,17 +60,23 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
         args.data_dir, args.dataset = tmp.name, "random_uint8"
         rng = np.random.default_rng(0)
-        data.write_arrays("random_uint8", {"train": (rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8),
-                                                  rng.integers(0, 10, 60000))}, num_classes=10,
+        n = args.synthetic_n
+        data.write_arrays("random_uint8", {"train": (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                                                  rng.integers(0, 10, n))}, num_classes=10,
                           data_dir=args.data_dir)
 
+    if args.loader == "grain":  # count the pipeline, not the import of grain (and jax)
+        import grain  # noqa: F401
     base = rss_mb()
     t0 = time.perf_counter()
     it = data.make_iterator(args.dataset, args.split, batch_size=args.batch_size, seed=0,
                             random_flip=args.random_flip, process_index=0, process_count=1,
-                            data_dir=args.data_dir, auto_prepare=False)
+                            data_dir=args.data_dir, auto_prepare=False, loader=args.loader,
+                            num_workers=args.num_workers)
     load_s = time.perf_counter() - t0
-    decoded_mb = it.num_examples * (it._images[0].nbytes + 4) / 2**20
+    info = data.info(args.dataset, data_dir=args.data_dir)
+    num_examples = info.splits[args.split]
+    decoded_mb = num_examples * (int(np.prod(info.image_shape)) + 4) / 2**20
     next(it)  # warm-up
 
     rates = []
@@ -77,9 +87,10 @@ def main() -> None:
         rates.append(args.batches * args.batch_size / (time.perf_counter() - t0))
     grown = rss_mb() - base
 
-    print(f"dataset={args.dataset}/{args.split} N={it.num_examples} batch_size={args.batch_size} "
-          f"random_flip={args.random_flip} cores={len(os.sched_getaffinity(0))}")
-    print(f"load (read + sha256 verify): {load_s:.2f} s")
+    print(f"dataset={args.dataset}/{args.split} N={num_examples} batch_size={args.batch_size} "
+          f"random_flip={args.random_flip} cores={len(os.sched_getaffinity(0))} loader={args.loader} "
+          f"num_workers={args.num_workers}")
+    print(f"load (numpy: read + sha256 verify; grain: open the files): {load_s:.2f} s")
     print(f"images/s: median {statistics.median(rates):,.0f}  (min {min(rates):,.0f}, max {max(rates):,.0f}, "
           f"{args.repeats} runs x {args.batches} batches)")
     print(f"decoded dataset: {decoded_mb:.1f} MiB; RSS growth after load+iterate: {grown:.1f} MiB "
@@ -95,6 +106,8 @@ def main() -> None:
         t0 = time.perf_counter()
         source.__getitems__(idx)
         print(f"tfds.data_source random access (PNG decode): {args.tfds_records / (time.perf_counter() - t0):,.0f} images/s")
+    if hasattr(it, "close"):
+        it.close()
     if tmp is not None:
         tmp.cleanup()
 

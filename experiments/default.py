@@ -21,6 +21,8 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.data.dataset = "mnist"  # a name in diffusion_jax.data.DATASETS, or "synthetic" (test-only patterns)
     config.data.data_dir = ""  # prepared-data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.random_flip = False  # bool; horizontal flips (not for digits)
+    config.data.loader = "numpy"  # numpy (the split decoded in memory) | grain (records read from disk, docs/benchmarks.md)
+    config.data.num_workers = 0  # integer >= 0; grain worker processes computing batches (0 = in the trainer)
 
     # --- model (fields documented in diffusion_jax.models.default_config) ---
     config.model = models.default_config(model_name)
@@ -109,4 +111,5 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.parallel.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or auto-detect
     config.parallel.num_processes = -1  # processes in the job; -1 = $JAX_NUM_PROCESSES or auto-detect
     config.parallel.process_id = -1  # this process's index; -1 = $JAX_PROCESS_ID or auto-detect
+    config.parallel.fsdp = 1  # integer >= 1 dividing the device count; mesh (data, fsdp): params, Adam state and EMA split over fsdp (1 = data parallel)
     return config

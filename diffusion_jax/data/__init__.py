@@ -45,6 +45,7 @@ __all__ = [
 # name -> module drawing that dataset in memory: info(geometry), load_arrays(split, geometry, seed),
 # make_iterator(geometry, batch_size=, seed=, process_index=, process_count=).
 GENERATED = {synthetic.NAME: synthetic}
+LOADERS = ("numpy", "grain")  # make_iterator(loader=...): the split in memory, or records through grain
 
 
 def model_geometry(model_config) -> tuple[tuple[int, int, int], int]:
@@ -84,7 +85,7 @@ def load_arrays(name: str, split: str, *, data_dir=None, auto_prepare: bool = Tr
 def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   random_flip: bool = False, num_epochs=None, process_index: int | None = None,
                   process_count: int | None = None, data_dir=None, auto_prepare: bool = True,
-                  geometry=None) -> BatchIterator:
+                  geometry=None, loader: str = "numpy", num_workers: int = 0) -> BatchIterator:
     """Batches of split `split` of dataset `name` for this process.
 
     `batch_size` is global: each of the `process_count` processes (default
@@ -93,7 +94,13 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
     first use unless `auto_prepare=False`. See `pipeline` for the exact order.
     A generated dataset (`GENERATED`) is drawn at `geometry` instead; its
     stream ignores shuffle, flips and epochs.
+
+    `loader="grain"` reads the prepared files record by record through grain
+    instead of holding the split in memory (`grain_input`; endless, so
+    `num_epochs` must be None), in `num_workers` worker processes when > 0.
     """
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     if process_index is None or process_count is None:
         import jax
 
@@ -107,6 +114,20 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
     if name in GENERATED:
         return GENERATED[name].make_iterator(_geometry(name, geometry), batch_size=batch_size, seed=seed,
                                              process_index=process_index, process_count=process_count)
+    if loader == "grain":
+        if num_epochs is not None:
+            raise ValueError("loader 'grain' repeats without end: num_epochs must be None")
+        from diffusion_jax.data import grain_input
+
+        vdir = storage.ensure_prepared(name, data_dir=data_dir, auto_prepare=auto_prepare)
+        cache = vdir / storage.CACHE_DIR  # storage's decoded cache, read record by record
+        if not (cache / f"{split}-images.npy").exists():
+            raise ValueError(f"split {split!r} not in dataset {name!r} ({cache})")
+        source = grain_input.NpyRecords(cache / f"{split}-images.npy", cache / f"{split}-labels.npy")
+        return grain_input.make_grain_iterator(
+            source, batch_size=batch_size, seed=seed, shuffle=shuffle, random_flip=random_flip,
+            process_index=process_index, process_count=process_count, num_workers=num_workers,
+            dataset=name, split=split)
     images, labels = load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare)
     check_labels(name, split, labels, data_dir=data_dir)
     return BatchIterator(images, labels, batch_size=batch_size, seed=seed, shuffle=shuffle,

@@ -45,6 +45,8 @@ from etils import epath
 # fields added after this list was written, must match (`check_config`).
 RESUMABLE_FIELDS = (
     "experiment", "sample", "eval", "parallel", "data.data_dir",
+    "data.num_workers",  # where batches are computed, not what they are
+    "data.loader",  # a change fails at the data state instead, in one line
     "training.num_steps",  # except with a decaying lr_schedule: see `_resumable`
     "training.log_every_steps", "training.checkpoint_every_steps", "training.sample_every_steps",
     "training.keep_checkpoints", "training.async_checkpointing", "training.progress_bar",
@@ -407,8 +409,12 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any, sharding: Any) -> Any:
-    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `sharding`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `sharding`: one
+    Sharding for every leaf, or a pytree of them shaped like `tree` (FSDP). Orbax
+    restores onto these shardings whatever mesh wrote the checkpoint."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
 
 
 def restore_ema(config: Any, workdir: str, step: int | None = None, *,

@@ -4,7 +4,7 @@
 naming the config field and what is allowed: unknown names (model, schedule,
 sampler, dataset, prediction target, ...), out-of-range values, an image size
 the UNet's levels cannot halve (via `models.validate`), a global batch that
-does not divide over the devices.
+does not divide over the devices, an FSDP size (parallel.fsdp) that does not.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def _bool(config: Any, field: str) -> None:
         raise _fail(field, "True or False", value)
 
 
-def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> None:
-    """Raises ValueError on the first bad field; returns None for a good config."""
+def validate(config: Any, *, num_devices: int = 1, process_count: int = 1, training: bool = True) -> None:
+    """Raises ValueError on the first bad field; returns None for a good config.
+    `training=False` (--mode sample / eval) skips the FSDP mesh check: those modes
+    read the EMA onto whatever devices they have."""
     from diffusion_jax import data, models, objectives, samplers
 
     if not isinstance(config.experiment, str) or not config.experiment.strip():
@@ -72,6 +74,8 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     except ValueError as e:
         raise ValueError(f"config.data.dataset: {e} (or one of {tuple(data.GENERATED)}, drawn in memory)") from None
     _bool(config, "data.random_flip")
+    _one_of(config, "data.loader", data.LOADERS)
+    _in_range(config, "data.num_workers", 0, None, integer=True)
 
     # Model: names first, then the model workstream's own field checks
     # (image size divisible by the UNet's levels / the DiT's patch, widths, ...).
@@ -126,6 +130,9 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         raise _fail(t + "batch_size", f"divisible by the device count {num_devices}", batch)
     if batch % process_count:
         raise _fail(t + "batch_size", f"divisible by the process count {process_count}", batch)
+    _in_range(config, "parallel.fsdp", 1, None, integer=True)
+    if training and num_devices % config.parallel.fsdp:
+        raise _fail("parallel.fsdp", f"a divisor of the device count {num_devices}", config.parallel.fsdp)
 
     # Sampling: the sampler validates its own settings, the process its grid.
     _one_of(config, "sample.method", tuple(samplers.NAMES))

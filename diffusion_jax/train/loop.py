@@ -60,13 +60,16 @@ def make_train_iterator(config: Any):
         config.data.dataset, "train", batch_size=tc.batch_size, seed=config.seed, shuffle=True,
         random_flip=config.data.random_flip, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=config.data.data_dir or None,
-        geometry=data.model_geometry(config.model))
+        geometry=data.model_geometry(config.model), loader=config.data.get("loader", "numpy"),
+        num_workers=config.data.get("num_workers", 0))
 
 
-def prepare(config: Any) -> None:
-    """Multi-host start-up and validation, before any work (idempotent)."""
+def prepare(config: Any, *, training: bool = True) -> None:
+    """Multi-host start-up and validation, before any work (idempotent); `training=False`
+    for --mode sample / eval (no FSDP mesh check, `config_lib.validate`)."""
     parallel.maybe_initialize_distributed(config.parallel)
-    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
+                        training=training)
     config_lib.check_against_dataset(config, *dataset_info(config))
     sampling.parse_labels(config, 1)  # config.sample.labels, before any restore
 
@@ -107,10 +110,11 @@ def train(config: Any, workdir: str, *,
             lock.release()
 
 
-def _resume(config, workdir, ckpt, init, init_key, tx, repl,
+def _resume(config, workdir, ckpt, init, init_key, tx, shardings,
             allow_config_change) -> tuple[TrainState, dict | None]:
-    """(state, data-iterator state or None): the checkpoint's, or a fresh state; records the start."""
-    abstract = checkpoints.abstract_like(jax.eval_shape(init, init_key), repl)
+    """(state, data-iterator state or None): the checkpoint's, or a fresh state; records the start.
+    The checkpoint is read straight onto `shardings` (this run's mesh), whatever mesh wrote it."""
+    abstract = checkpoints.abstract_like(jax.eval_shape(init, init_key), shardings)
     restored = ckpt.resume(abstract, config=config, allow_config_change=allow_config_change)
     primary = jax.process_index() == 0
     if primary:
@@ -130,7 +134,7 @@ def _resume(config, workdir, ckpt, init, init_key, tx, repl,
     if restored.opt_state_reset:
         parts = restored.state
         state = jax.jit(lambda p: TrainState(step=p["step"], params=p["params"], ema_params=p["ema_params"],
-                                             opt_state=tx.init(p["params"])), out_shardings=repl)(parts)
+                                             opt_state=tx.init(p["params"])), out_shardings=shardings)(parts)
         logging.warning("the optimiser state of checkpoint %d does not fit the changed config.training: "
                         "it starts again from zero (parameters and EMA restored)", restored.step)
     else:
@@ -151,7 +155,7 @@ def _resume(config, workdir, ckpt, init, init_key, tx, repl,
 def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainState:
     tc = config.training
     primary = jax.process_index() == 0
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(fsdp=config.parallel.fsdp)
     repl = parallel.replicated_sharding(mesh)
     model = models.create(config.model)
     process = sampling.make_process(config)
@@ -160,17 +164,19 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)
-    writer = bar = None
+    writer = bar = data_iter = None
     try:
         key = jax.random.PRNGKey(config.seed)
         init_key, step_key, sample_key = (parallel.replicate_array(mesh, k) for k in jax.random.split(key, 3))
-        init = jax.jit(lambda k: create_train_state(model, config.model, tx, k), out_shardings=repl)
+        create = lambda k: create_train_state(model, config.model, tx, k)  # noqa: E731
+        shardings = parallel.state_sharding(mesh, jax.eval_shape(create, init_key))
+        init = jax.jit(create, out_shardings=shardings)
         data_iter = make_train_iterator(config)
-        state, data_state = _resume(config, workdir, ckpt, init, init_key, tx, repl, allow_config_change)
+        state, data_state = _resume(config, workdir, ckpt, init, init_key, tx, shardings, allow_config_change)
         if data_state is not None:
             data_iter.set_state(data_state)
 
-        train_step = jit_train_step(make_train_step(config, model, process, tx, lr_schedule), mesh)
+        train_step = jit_train_step(make_train_step(config, model, process, tx, lr_schedule), mesh, shardings)
         labels, ncol = sampling.grid_labels(config)
         num_grid = len(labels) if labels is not None else ncol * ncol
         sample_fn = sampling.make_sample_fn(config, num_grid, out_sharding=repl)
@@ -241,5 +247,7 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
             bar.close()
         if writer is not None:
             writer.close()
+        if hasattr(data_iter, "close"):  # grain's worker processes
+            data_iter.close()
         ckpt.close()
     return state

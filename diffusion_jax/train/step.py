@@ -121,13 +121,16 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
     return train_step
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
-    """jax.jit with the batch split over "data", the state and key replicated,
-    and the incoming state donated (its buffers are reused for the new one)."""
+def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: Any = None) -> Callable:
+    """jax.jit with the batch split over the mesh, the state under `state_sharding`
+    (`parallel.state_sharding`: FSDP; default replicated) in and out, key and
+    metrics replicated, and the incoming state donated (its buffers are reused
+    for the new one)."""
     repl = parallel.replicated_sharding(mesh)
+    state_sharding = repl if state_sharding is None else state_sharding
     return jax.jit(
         train_step,
-        in_shardings=(repl, parallel.batch_sharding(mesh), repl),
-        out_shardings=(repl, repl),
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl),
+        out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
     )
