@@ -323,7 +323,8 @@ class Flow:
     Training draws t ~ U(0, 1) ("uniform") or t = sigmoid(n), n ~ N(logit_mean, logit_std^2)
     ("logit_normal", Esser et al. 2024, sec. 3.1). Sampling starts from pure noise at t = 1;
     sigma-spaced grids visit sigma = t / (1 - t) in [sigma_min, sigma_max] after that first
-    point. The network sees (x_t, 1000 t) (SD3 and SiT feed t scaled to the DDPM range).
+    point. The network sees (x_t, 1000 t) (SD3 and SiT feed t scaled to the DDPM range), and
+    a network of the average velocity over [r, t] also h = 1000 (t - r) (`interval_input`).
     """
 
     t_sampling: str = "uniform"
@@ -359,6 +360,11 @@ class Flow:
 
     def network_inputs(self, x_t, t):
         return x_t, 1000.0 * t
+
+    def interval_input(self, t, r):
+        """The second time input h of a network over an interval [r, t] (model.interval_input;
+        `flow_maps`): 1000 (t - r), on the scale of c_noise = 1000 t."""
+        return 1000.0 * (t - r)
 
     def sigma_of_t(self, t):
         t = np.asarray(t, np.float64)

@@ -293,7 +293,7 @@ def test_bad_arguments_raise():
     # `sample` (the DDPM API) runs the first three; the registry holds every sampler (issue #13 names).
     assert set(samplers.METHODS) == {"ddpm", "ddim", "dpm_solver_pp"}
     assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "dpm_solver_pp", "dpm_solver_pp_3m", "euler", "heun",
-                                      "edm_sde"}
+                                      "edm_sde", "meanflow", "shortcut"}
 
 
 # ============================================================================= every process

@@ -91,6 +91,7 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         if config.diffusion[field] not in names:
             raise _fail(f"diffusion.{field}", f"one of {tuple(names)} for process {process.name!r}",
                         config.diffusion[field])
+    _flow_map(config, process)
     _in_range(config, "diffusion.min_snr_gamma", 0, None, lo_open=True)
     _in_range(config, "diffusion.vlb_weight", 0, None)
     learned = config.diffusion.variance == "learned_range"
@@ -151,6 +152,29 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
     if config.model.num_classes == 0 and config.sample.guidance_scale > 0:
         raise _fail("sample.guidance_scale", "0 for an unconditional model (model.num_classes=0)",
                     config.sample.guidance_scale)
+
+
+def _flow_map(config: Any, process: Any) -> None:
+    """config.diffusion.objective and its sub-config (`flow_maps.make`), and that the network
+    can be a flow map (`flow_maps.check`)."""
+    from diffusion_jax import flow_maps, models
+
+    d = config.diffusion
+    name = d.get("objective", flow_maps.DEFAULT)
+    if name not in flow_maps.NAMES:
+        raise _fail("diffusion.objective", f"one of {flow_maps.NAMES}", name)
+    try:
+        objective = flow_maps.make(d)
+    except TypeError as e:
+        raise ValueError(f"config.diffusion.{name}: {e}; its fields are "
+                         f"{tuple(flow_maps.default_fields(name))}") from None
+    except ValueError as e:
+        raise ValueError(f"config.diffusion.{name}.{e}") from None
+    if objective is not None:
+        try:
+            flow_maps.check(objective, process, d.prediction, models.validate(config.model))
+        except ValueError as e:
+            raise ValueError(f"config.diffusion.objective: {e}") from None
 
 
 def _process(config: Any):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax import models, objectives, processes
+from diffusion_jax import flow_maps, models, objectives, processes
 from diffusion_jax.train import parallel
 from diffusion_jax.train.state import TrainState, ema_decay_at, ema_update
 
@@ -60,6 +60,7 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
     mc, dc, tc = config.model, config.diffusion, config.training
     num_classes = int(mc.num_classes)
     cond_drop_prob = float(tc.cond_drop_prob) if num_classes > 0 else 0.0
+    flow_map = flow_maps.make(dc)  # meanflow | shortcut; None: the regression of `objectives`
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         x0 = batch["image"]
@@ -77,6 +78,13 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
         x_in, c_noise = process.network_inputs(x_t, t)
 
         def loss_fn(params):
+            if flow_map is not None:  # targets made by the network itself (diffusion_jax.flow_maps)
+                target_params = jax.lax.stop_gradient(flow_map.target_params(params, state.ema_params))
+                losses = flow_map.training_losses(
+                    flow_maps.network(model.apply, process, params, train=True, rngs={"dropout": dropout_key}),
+                    flow_maps.network(model.apply, process, target_params), process, x0, noise, t, cond,
+                    models.null_cond(mc, b), drop, jax.random.fold_in(step_key, 1))
+                return jnp.mean(losses["loss"]), losses
             out = model.apply({"params": params}, x_in, c_noise, cond, train=True,
                               rngs={"dropout": dropout_key})
             losses = objectives.training_losses(
