@@ -43,7 +43,7 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     # each continuous process's own knobs, used when it is selected (fields and ranges: its
     # dataclass in diffusion_jax/processes.py): vp (schedule linear|cosine, beta_min, beta_max,
     # t_eps, sigma_min, sigma_max), edm (sigma_data, p_mean, p_std, sigma_min, sigma_max),
-    # flow (t_sampling uniform|logit_normal, logit_mean, logit_std, sigma_min, sigma_max)
+    # flow (t_sampling uniform|logit_normal, logit_mean, logit_std, sigma_min, sigma_max, time_scale)
     for name in ("vp", "edm", "flow"):
         config.diffusion[name] = ml_collections.ConfigDict(processes.default_fields(name))
     # the training objective: denoising (the regression of the prediction above, every process)

@@ -49,7 +49,8 @@ RESUMABLE_FIELDS = (
 )
 # Fields added after checkpoints were written without them, with the value their absence meant:
 # absent on one side and this value on the other is no change (the flow-map objectives, #23).
-ADDED_FIELDS = {"model.interval_input": False, "diffusion.objective": "denoising"}
+ADDED_FIELDS = {"model.interval_input": False, "diffusion.objective": "denoising",
+                "diffusion.flow.time_scale": 1000.0}
 OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
 _INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
