@@ -12,7 +12,8 @@ guided sample costs one network call: `--mode sample` draws x0 = x_1 - u(x_1, 0,
 (sampler "meanflow", 1 step); `--config.sample.num_steps=2` (or 4) for 2 (4) calls.
 
 Sized for ~25 minutes of training on the project's 2-core CPU (bench/bench_flow_maps.py: a
-MeanFlow step costs about NN x a flow-matching step here). Not yet run end to end; the goal
+MeanFlow step costs ~1.3-1.4x a flow-matching step here; docs/flow_maps.md). Not yet run
+end to end; the goal
 of #23 (<= 30 min wall, 1 call: conditional accuracy >= 0.95, classifier-FD <= 3x the
 floor; 2 calls <= 2x) is checked with
 
@@ -47,8 +48,11 @@ def get_config():
     m.kappa = 0.0
 
     t = config.training
-    t.num_steps = 2000  # set from the measured step time (bench/bench_flow_maps.py)
-    t.sample_every_steps = 1000
+    # bench/bench_flow_maps.py (2026-12-03, machine shared, load ~6.8): a MeanFlow step takes 1.29x
+    # the wall (1.43x the CPU time) of a flow-matching step of this network, ~0.53 s on a quiet
+    # machine where flow matching takes ~0.37 s: 2,800 steps ~ 25 minutes
+    t.num_steps = 2800
+    t.sample_every_steps = 1400
 
     s = config.sample
     s.method = "meanflow"

@@ -29,7 +29,10 @@ def get_config():
     s.omega = 1.5
     s.kappa = 0.0
 
-    config.training.num_steps = 2000  # set from the measured step time (bench/bench_flow_maps.py)
+    # a shortcut step costs 1.02x the wall (1.10x the CPU time) of a flow-matching step
+    # (bench/bench_flow_maps.py, docs/flow_maps.md): ~0.41 s on a quiet machine, 3,400 steps ~ 23 minutes
+    config.training.num_steps = 3400
+    config.training.sample_every_steps = 1700
     config.sample.method = "shortcut"
     e = config.eval
     e.samplers = ("shortcut",)

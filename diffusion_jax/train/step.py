@@ -8,6 +8,9 @@ for ddpm, Ho et al. 2020, Algorithm 1), per example i of the global batch:
 
 with the class label replaced by the null label `num_classes` with
 probability `cond_drop_prob` (classifier-free guidance, Ho & Salimans 2022).
+With config.diffusion.objective "meanflow" or "shortcut" the loss is instead the flow-map
+objective's (`diffusion_jax.flow_maps`: targets made by the network itself, from its own
+(t, r) or (t, d) draws); with the default "denoising" the step is exactly the one above.
 
 Randomness: the step's key is fold_in(key, step); example i's key is
 fold_in(step_key, i) with i its index in the GLOBAL batch, so the draws do not
