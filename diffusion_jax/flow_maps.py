@@ -155,7 +155,7 @@ class MeanFlow(_FlowMapObjective):
     ablation optimum (ratio 0.25 of r != t, p = 1) and the official code's c = 0.01."""
 
     ratio: float = 0.25  # fraction of the batch with r != t (the rest: r = t, flow matching), [0, 1]
-    norm_p: float = 1.0  # power p of the adaptive weight 1 / sg(||du||^2 + c)^p, >= 0 (0 = plain squared error)
+    norm_p: float = 1.0  # power p of the adaptive weight 1 / sg(||u - u_tgt||^2 + c)^p, >= 0 (0 = plain squared error)
     norm_eps: float = 0.01  # c > 0 of the adaptive weight
 
     name: ClassVar[str] = "meanflow"
