@@ -135,9 +135,13 @@ def test_interval_input_is_off_by_default_and_adds_only_its_embedding():
         assert "interval" not in str(off) and on - off and all(p.startswith("['embed']['interval']") for p in on - off)
     # h = None is h = 0 (the velocity); another h changes the output
     model = models.create(dict(base, interval_input=True))
-    params = jax.tree.map(lambda a: a + 0.05, model.init(jax.random.PRNGKey(0), x, t)["params"])
-    y0, y_none, y1 = jax.jit(lambda: [model.apply({"params": params}, x, t, h=h)
-                                      for h in (jnp.zeros(2), None, jnp.array([0.05, 0.5]))])()
+
+    @jax.jit
+    def outputs():
+        params = jax.tree.map(lambda a: a + 0.05, model.init(jax.random.PRNGKey(0), x, t)["params"])
+        return [model.apply({"params": params}, x, t, h=h) for h in (jnp.zeros(2), None, jnp.array([0.05, 0.5]))]
+
+    y0, y_none, y1 = outputs()
     np.testing.assert_allclose(y0, y_none, atol=1e-6)
     assert float(jnp.abs(y1 - y_none).max()) > 1e-4
 
