@@ -657,7 +657,8 @@ class MeanFlowSampler(Sampler):
 
         x_{t_{i+1}} = x_{t_i} - (t_i - t_{i+1}) u(x_{t_i}, t_{i+1}, t_i),   i = 0 .. k - 1,
 
-    u the network's average velocity over [t_{i+1}, t_i] (`denoise(x, t, r).out`), so NFE = k;
+    u the network's average velocity over [t_{i+1}, t_i] (`denoise(x, t, r).out`: a network of
+    prediction "velocity"), so NFE = k;
     k = 1 is x0 = x_1 - u(x_1, 0, 1). Flow process only (x_t = (1 - t) x0 + t eps); no clip_x0
     inside (the final sample is clipped as any other). Guidance: trained into u (objective's
     omega), or config.sample.guidance_scale at sampling (a batch of 2B per call). On a velocity

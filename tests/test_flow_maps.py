@@ -197,6 +197,7 @@ def test_a_tiny_network_learns_under_each_experiment_s_objective(name):
     ({"diffusion.meanflow.ratio": -0.1}, "config.diffusion.meanflow.ratio"),
     ({"diffusion.process": "edm", "diffusion.prediction": "edm", "diffusion.objective": "denoising"},
      "config.sample.method 'meanflow' needs the flow process"),
+    ({"diffusion.prediction": "x0", "diffusion.objective": "denoising"}, "config.sample.method must be a sampler other"),
 ])
 def test_bad_flow_map_fields_raise_one_line_errors(fields, message):
     from experiments import mnist_meanflow

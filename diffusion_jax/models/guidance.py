@@ -69,6 +69,7 @@ def guided_denoise_fn(
     other (or traced) scale runs one forward pass on a batch of 2B.
     """
     variables = _variables(params)
+
     def call(x_t, t, c, h):  # h: the interval input of a flow-map network, passed only when given
         return apply_fn(variables, x_t, t, c) if h is None else apply_fn(variables, x_t, t, c, h=h)
 

@@ -138,6 +138,10 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1) -> No
         samplers.from_config(config.sample).times(process)
     except ValueError as e:
         raise ValueError(f"config.sample.{e}") from None
+    if config.sample.method in ("meanflow", "shortcut") and config.diffusion.prediction != "velocity":
+        raise _fail("sample.method", "a sampler other than meanflow / shortcut, whose step reads the "
+                    "network's output as a velocity, for prediction " + repr(config.diffusion.prediction),
+                    config.sample.method)
     _in_range(config, "sample.guidance_scale", 0, None)
     _in_range(config, "sample.clip_x0", 0, None)
     interval = tuple(config.sample.get("guidance_interval", ()))
