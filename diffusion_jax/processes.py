@@ -326,7 +326,11 @@ class Flow:
     Training draws t ~ U(0, 1) ("uniform") or t = sigmoid(n), n ~ N(logit_mean, logit_std^2)
     ("logit_normal", Esser et al. 2024, sec. 3.1). Sampling starts from pure noise at t = 1;
     sigma-spaced grids visit sigma = t / (1 - t) in [sigma_min, sigma_max] after that first
-    point. The network sees (x_t, 1000 t) (SD3 and SiT feed t scaled to the DDPM range).
+    point. The network sees (x_t, time_scale t), time_scale = 1000 by default (SD3 and SiT feed
+    t scaled to the DDPM range), and a network of the average velocity over [r, t] also
+    h = time_scale (t - r) (`interval_input`). The flow maps take derivatives in t (MeanFlow's
+    JVP): there the sinusoidal embedding's top frequency, time_scale radians per unit of t,
+    sets how large du/dt can be, and experiments/mnist_meanflow.py feeds t unscaled (1.0).
     """
 
     t_sampling: str = "uniform"
@@ -334,6 +338,7 @@ class Flow:
     logit_std: float = 1.0
     sigma_min: float = 0.02
     sigma_max: float = 80.0
+    time_scale: float = 1000.0
 
     name = "flow"
     variance_preserving = False
@@ -351,6 +356,7 @@ class Flow:
             raise ValueError(f"logit_mean must be a finite number, got {self.logit_mean}")
         _finite_positive("logit_std", self.logit_std)
         _check_sigma_range(self.sigma_min, self.sigma_max)
+        _finite_positive("time_scale", self.time_scale)
 
     def alpha_sigma(self, t):
         t = jnp.asarray(t, jnp.float32)
@@ -362,7 +368,12 @@ class Flow:
         return jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.random.normal(key, shape, jnp.float32))
 
     def network_inputs(self, x_t, t):
-        return x_t, 1000.0 * t
+        return x_t, self.time_scale * t
+
+    def interval_input(self, t, r):
+        """The second time input h of a network over an interval [r, t] (model.interval_input;
+        `flow_maps`): time_scale (t - r), on the scale of c_noise = time_scale t."""
+        return self.time_scale * (t - r)
 
     def sigma_of_t(self, t):
         t = np.asarray(t, np.float64)

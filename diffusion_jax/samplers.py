@@ -19,6 +19,8 @@ of any such process is dy/dsigma = (y - x0_hat) / sigma = eps_hat in y = x / a
     edm_sde           2N - 1     Karras et al. 2022, Algorithm 2 (S_churn, S_noise, S_min, S_max)
     dpm_solver_pp     N          Lu et al. 2022, DPM-Solver++(2M), Algorithm 2
     dpm_solver_pp_3m  N          Lu et al. 2022, DPM-Solver++(3M) (multistep; as its reference code)
+    meanflow          N          Geng et al. 2025, Algorithm 2 (flow maps; flow process only)
+    shortcut          N          Frans et al. 2024, Algorithm 2 (the same step on d = 1 / N)
 
 Heun and edm_sde take an Euler step where their correction is undefined: into clean data
 (sigma = 0, as in EDM) and out of pure noise (sigma = inf, flow at t = 1); NFE counts that.
@@ -77,12 +79,18 @@ def denoiser(model_fn: Callable, process, prediction: str = "eps", clip_x0=None)
     process makes (`network_inputs`, EDM's c_in and c_noise) and whose output of type
     `prediction` it converts. With 2C output channels (a learned variance) the first C are
     the prediction. clip_x0: None, True ([-1, 1]) or a bound for x0_hat; eps_hat is then
-    recomputed from the clipped x0_hat."""
+    recomputed from the clipped x0_hat. denoise(x_t, t, r) (flow maps, `flow_maps`): the network
+    also gets the interval [r, t] (`process.interval_input`, model_fn's third argument) and
+    `out` is its average velocity over it."""
     processes.check_prediction(process, prediction)
 
-    def denoise(x, t):
+    def denoise(x, t, r=None):
         t = jnp.asarray(t)  # a scalar time stays one for the conversions
-        out = model_fn(*process.network_inputs(x, jnp.broadcast_to(t, (x.shape[0],))))
+        tb = jnp.broadcast_to(t, (x.shape[0],))
+        if r is None:
+            out = model_fn(*process.network_inputs(x, tb))
+        else:
+            out = model_fn(*process.network_inputs(x, tb), process.interval_input(tb, jnp.broadcast_to(r, tb.shape)))
         m = out[..., : x.shape[-1]] if out.shape[-1] != x.shape[-1] else out
         x0 = diffusion._clip(processes.to_x0(process, x, t, m, prediction), clip_x0)
         if clip_x0 is None or clip_x0 is False:
@@ -648,6 +656,54 @@ class DPMSolverPP3M(DPMSolverPP):
 
     name: ClassVar[str] = "dpm_solver_pp_3m"
     order: ClassVar[int] = 3
+
+
+# ----------------------------------------------------------------------------- flow maps (#23)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MeanFlowSampler(Sampler):
+    """k steps of a flow-map network (MeanFlow, Geng et al. 2025, Algorithm 2; `flow_maps`): from
+    x ~ N(0, I) at t_0 = 1,
+
+        x_{t_{i+1}} = x_{t_i} - (t_i - t_{i+1}) u(x_{t_i}, t_{i+1}, t_i),   i = 0 .. k - 1,
+
+    u the network's average velocity over [t_{i+1}, t_i] (`denoise(x, t, r).out`: a network of
+    prediction "velocity"), so NFE = k;
+    k = 1 is x0 = x_1 - u(x_1, 0, 1). Flow process only (x_t = (1 - t) x0 + t eps); no clip_x0
+    inside (the final sample is clipped as any other). Guidance: trained into u (objective's
+    omega), or config.sample.guidance_scale at sampling (a batch of 2B per call). On a velocity
+    network without the interval input u = v: Euler."""
+
+    name: ClassVar[str] = "meanflow"
+    default_grid: ClassVar[str] = "trailing"  # t_i = 1 - i / k: the steps are equal
+
+    def times(self, process) -> np.ndarray:
+        if process.name != "flow":
+            raise ValueError(f"method {self.name!r} needs the flow process (x_t = (1 - t) x0 + t eps), "
+                             f"not {process.name!r}")
+        return super().times(process)
+
+    def _run(self, denoise, process, x, key, ts, keep):
+        def body(x, inp):
+            t, r = inp
+            x = x - (t - r) * denoise(x, t, r).out
+            return x, (x if keep else None)
+
+        ts = jnp.asarray(ts)
+        return jax.lax.scan(body, x, (ts[:-1], ts[1:]))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ShortcutSampler(MeanFlowSampler):
+    """Shortcut models' sampler (Frans et al. 2024, Algorithm 2): k steps of size d = 1 / k,
+    x_{t - d} = x_t - d s(x_t, t, d), the network told its step size d (= t - r): the step of
+    `meanflow` on its uniform grid. Trained step sizes are 2^-j (objective "shortcut"), so
+    k = 1, 2, 4, ... up to 2^num_levels; other k use step sizes between them."""
+
+    name: ClassVar[str] = "shortcut"
 
 
 NAMES = tuple(SAMPLERS)

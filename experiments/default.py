@@ -7,7 +7,7 @@ its fields are documented there (diffusion_jax/models/__init__.py).
 
 import ml_collections
 
-from diffusion_jax import models, processes, samplers
+from diffusion_jax import flow_maps, models, processes, samplers
 from diffusion_jax.evaluation.settings import EVAL_DEFAULTS, STAND_INS
 
 
@@ -48,9 +48,17 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     # each continuous process's own knobs, used when it is selected (fields and ranges: its
     # dataclass in diffusion_jax/processes.py): vp (schedule linear|cosine, beta_min, beta_max,
     # t_eps, sigma_min, sigma_max), edm (sigma_data, p_mean, p_std, sigma_min, sigma_max),
-    # flow (t_sampling uniform|logit_normal, logit_mean, logit_std, sigma_min, sigma_max)
+    # flow (t_sampling uniform|logit_normal, logit_mean, logit_std, sigma_min, sigma_max, time_scale)
     for name in ("vp", "edm", "flow"):
         config.diffusion[name] = ml_collections.ConfigDict(processes.default_fields(name))
+    # the training objective: denoising (the regression of the prediction above, every process)
+    # | meanflow | shortcut (flow process, velocity prediction, model.interval_input: the network
+    # learns the average velocity over [r, t] and samples in 1+ calls; diffusion_jax/flow_maps.py),
+    # each with its own knobs (fields and ranges: its dataclass there): meanflow (ratio, norm_p,
+    # norm_eps, omega, kappa), shortcut (bootstrap_fraction, num_levels, teacher current|ema, omega, kappa)
+    config.diffusion.objective = "denoising"
+    for name in ("meanflow", "shortcut"):
+        config.diffusion[name] = ml_collections.ConfigDict(flow_maps.default_fields(name))
 
     # --- optimisation --------------------------------------------------------
     config.training = ml_collections.ConfigDict()

@@ -287,7 +287,7 @@ def test_bad_arguments_raise():
         samplers.ddim_step(SMALL, jnp.zeros((2, 1)), 5, 3, jnp.zeros((2, 1)), eta=0.5)
     # The registry holds every sampler (issue #13 names); `sample` runs each of them.
     assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "dpm_solver_pp", "dpm_solver_pp_3m", "euler", "heun",
-                                      "edm_sde"}
+                                      "edm_sde", "meanflow", "shortcut"}
 
 
 # ============================================================================= every process

@@ -3,6 +3,7 @@
     model = models.create(models.default_config("unet"))
     variables = model.init(key, x, t)                     # x [B,H,W,C], t int32 [B]
     out = model.apply(variables, x, t, cond, train=True, rngs={"dropout": key})
+    out = model.apply(variables, x, t, cond, h=h)          # with interval_input: h = t - r [B]
 
 `cond` is None, int32 labels [B] in [0, num_classes] (num_classes = the null
 label), or float [B, cond_dim] text embeddings (zeros = null). The output has
@@ -39,6 +40,9 @@ def _common(name: str) -> ml_collections.ConfigDict:
     c.learn_sigma = False  # bool; True doubles the output channels (learned variance, hybrid loss)
     c.dropout = 0.1  # probability in [0, 1), active only with train=True
     c.dtype = "float32"  # compute dtype "float32" | "bfloat16"; parameters always float32
+    # bool; True: a second time input h = t - r (an interval [r, t]: MeanFlow, shortcut models;
+    # diffusion_jax.flow_maps), `apply(..., h=...)`, with its own sinusoidal embedding added to t's
+    c.interval_input = False
     return c
 
 
@@ -140,8 +144,9 @@ def validate(config: Any) -> dict:
         raise _err("label_init_std", f"must be a number >= 0, got {v!r}")
     if c["dtype"] not in DTYPES:
         raise _err("dtype", f"must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
-    if not isinstance(c["learn_sigma"], bool):
-        raise _err("learn_sigma", f"must be True or False, got {c['learn_sigma']!r}")
+    for f in ("learn_sigma", "interval_input"):
+        if not isinstance(c[f], bool):
+            raise _err(f, f"must be True or False, got {c[f]!r}")
     if not 0.0 <= float(c["dropout"]) < 1.0:
         raise _err("dropout", f"must be in [0, 1), got {c['dropout']!r}")
 

@@ -97,7 +97,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion transformer. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`;
+    """Diffusion transformer. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False, h=None)`;
     t is the noise-level input c_noise of the process (`processes`; for ddpm the integer timestep)."""
 
     image_size: int = 28
@@ -117,6 +117,7 @@ class DiT(nn.Module):
     long_skip: bool = False
     conv_head: bool = False
     dtype: Any = "float32"
+    interval_input: bool = False
 
     @nn.compact
     def __call__(
@@ -126,6 +127,7 @@ class DiT(nn.Module):
         cond: jax.Array | None = None,
         *,
         train: bool = False,
+        h: jax.Array | None = None,
     ) -> jax.Array:
         dtype = to_dtype(self.dtype)
         b, hh, ww, _ = x.shape
@@ -134,7 +136,7 @@ class DiT(nn.Module):
             raise ValueError(f"DiT: image {hh}x{ww} must be square and divisible by patch_size={p}")
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
         c = Embedding(d, self.freq_dim, self.num_classes, self.cond_dim, self.cond_combine, dtype,
-                      self.label_init_std, name="embed")(t, cond)
+                      self.label_init_std, self.interval_input, name="embed")(t, cond, h)
 
         g = hh // p
         tokens = Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed")(x.astype(dtype))

@@ -126,6 +126,12 @@ class Embedding(nn.Module):
     projection of the concatenation back to the embedding width.
     Unconditional models (num_classes == cond_dim == 0) return time_emb.
     A conditional model called with cond=None embeds the null condition.
+
+    interval_input: the network also takes the length h = t - r of a time interval [r, t]
+    (MeanFlow's t - r, Geng et al. 2025; the shortcut step d, Frans et al. 2024), embedded by
+    its own `TimestepMLP` and added to t's: time_emb = MLP_t(t) + MLP_h(h). h = None means
+    h = 0 (the instantaneous velocity). Off: no such parameters, the tree is as before, and h is
+    ignored (such a model's average velocity over any interval is its velocity: Euler's step).
     """
 
     features: int
@@ -135,10 +141,14 @@ class Embedding(nn.Module):
     cond_combine: str = "add"
     dtype: Any = jnp.float32
     label_init_std: float = 0.02
+    interval_input: bool = False
 
     @nn.compact
-    def __call__(self, t: jax.Array, cond: jax.Array | None) -> jax.Array:
+    def __call__(self, t: jax.Array, cond: jax.Array | None, h: jax.Array | None = None) -> jax.Array:
         temb = TimestepMLP(self.features, self.freq_dim, self.dtype, name="time")(t)
+        if self.interval_input:
+            h = jnp.zeros_like(t) if h is None else jnp.broadcast_to(jnp.asarray(h), jnp.shape(t))
+            temb = temb + TimestepMLP(self.features, self.freq_dim, self.dtype, name="interval")(h)
         if self.num_classes == 0 and self.cond_dim == 0:
             if cond is not None:
                 raise ValueError(

@@ -56,7 +56,8 @@ def guided_denoise_fn(
     uncond: jax.Array | None = None,
     config: Any = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Returns `denoise_fn(x_t, t)` = (1 + w) * model(x_t, t, cond) - w * model(x_t, t, uncond).
+    """Returns `denoise_fn(x_t, t, h=None)` = (1 + w) * model(x_t, t, cond) - w * model(x_t, t, uncond),
+    h the interval input of a flow-map network (model.interval_input), passed on when given.
 
     apply_fn: `model.apply`; params: the parameter tree, or a variables dict
     with a "params" entry. cond: labels [B] or vectors [B, D] (a scalar label
@@ -68,28 +69,33 @@ def guided_denoise_fn(
     other (or traced) scale runs one forward pass on a batch of 2B.
     """
     variables = _variables(params)
+
+    def call(x_t, t, c, h):  # h: the interval input of a flow-map network, passed only when given
+        return apply_fn(variables, x_t, t, c) if h is None else apply_fn(variables, x_t, t, c, h=h)
+
     if cond is None:
-        return lambda x_t, t: apply_fn(variables, x_t, t, None)
+        return lambda x_t, t, h=None: call(x_t, t, None, h)
     if uncond is None and config is None:
         raise ValueError("guided_denoise_fn: give uncond=null_cond(config, B) or config=model config")
     cond = jnp.asarray(cond)
     plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 0
 
-    def denoise_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+    def denoise_fn(x_t: jax.Array, t: jax.Array, h: jax.Array | None = None) -> jax.Array:
         b = x_t.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
         c = cond
         if c.ndim == 0 or (c.ndim == 1 and jnp.issubdtype(c.dtype, jnp.floating)):
             c = jnp.broadcast_to(c, (b,) + c.shape)
         if plain:
-            return apply_fn(variables, x_t, t, c)
+            return call(x_t, t, c, h)
         u = uncond if uncond is not None else null_cond(config, b)
         u = jnp.broadcast_to(jnp.asarray(u, c.dtype), c.shape)
-        out = apply_fn(
-            variables,
+        h2 = None if h is None else jnp.concatenate([jnp.broadcast_to(h, (b,))] * 2, axis=0)
+        out = call(
             jnp.concatenate([x_t, x_t], axis=0),
             jnp.concatenate([t, t], axis=0),
             jnp.concatenate([c, u], axis=0),
+            h2,
         )
         out_c, out_u = out[:b], out[b:]
         w = jnp.asarray(guidance_scale, out.dtype)

@@ -115,7 +115,7 @@ class AttentionBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM/ADM UNet. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False)`; t is
+    """DDPM/ADM UNet. Call: `apply(variables, x [B,H,W,C], t [B], cond=None, train=False, h=None)`; t is
     the noise-level input c_noise of the process (`processes`; for ddpm the integer timestep)."""
 
     image_size: int = 28
@@ -136,6 +136,7 @@ class UNet(nn.Module):
     label_init_std: float = 0.02
     learn_sigma: bool = False
     dtype: Any = "float32"
+    interval_input: bool = False
 
     @nn.compact
     def __call__(
@@ -145,6 +146,7 @@ class UNet(nn.Module):
         cond: jax.Array | None = None,
         *,
         train: bool = False,
+        h: jax.Array | None = None,
     ) -> jax.Array:
         dtype = to_dtype(self.dtype)
         batch = x.shape[0]
@@ -157,8 +159,9 @@ class UNet(nn.Module):
             self.cond_combine,
             dtype,
             self.label_init_std,
+            self.interval_input,
             name="embed",
-        )(t, cond)
+        )(t, cond, h)
 
         def res(out_ch, name, resample=None):
             return ResBlock(

@@ -53,6 +53,10 @@ RESUMABLE_FIELDS = (
     "model.dropout", "model.dtype",  # do not change the parameter tree
     "model.label_init_std",  # used at initialisation only
 )
+# Fields added after checkpoints were written without them, with the value their absence meant:
+# absent on one side and this value on the other is no change (the flow-map objectives, #23).
+ADDED_FIELDS = {"model.interval_input": False, "diffusion.objective": "denoising",
+                "diffusion.flow.time_scale": 1000.0}
 OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
 _INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
@@ -134,6 +138,10 @@ def _resumable(field: str, saved: dict, current: dict) -> bool:
         # the knobs of a process neither run uses (config.diffusion.<name>, processes.make)
         used = {saved.get("diffusion.process", "ddpm"), current.get("diffusion.process", "ddpm")}
         return parts[1] not in used
+    if parts[0] == "diffusion" and len(parts) > 2 and parts[1] in ("meanflow", "shortcut"):
+        # the knobs of an objective neither run uses (config.diffusion.<name>, flow_maps.make)
+        used = {saved.get("diffusion.objective", "denoising"), current.get("diffusion.objective", "denoising")}
+        return parts[1] not in used
     return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
 
@@ -156,6 +164,8 @@ def diff_configs(saved: dict, current: dict) -> list[Change]:
     checkpoint holds only {"model": ...}: only the model is compared then."""
     flat_saved = _flatten(saved)
     flat_current = {k: v for k, v in _flatten(current).items() if k.split(".")[0] in saved}
+    for flat in (flat_saved, flat_current):
+        flat.update({k: v for k, v in ADDED_FIELDS.items() if k.split(".")[0] in saved and k not in flat})
     return [
         Change(k, flat_saved.get(k, _ABSENT), flat_current.get(k, _ABSENT))
         for k in sorted(set(flat_saved) | set(flat_current))

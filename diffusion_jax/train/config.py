@@ -95,6 +95,7 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1, train
         if config.diffusion[field] not in names:
             raise _fail(f"diffusion.{field}", f"one of {tuple(names)} for process {process.name!r}",
                         config.diffusion[field])
+    _flow_map(config, process)
     _in_range(config, "diffusion.min_snr_gamma", 0, None, lo_open=True)
     _in_range(config, "diffusion.vlb_weight", 0, None)
     learned = config.diffusion.variance == "learned_range"
@@ -144,6 +145,10 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1, train
         samplers.from_config(config.sample).times(process)
     except ValueError as e:
         raise ValueError(f"config.sample.{e}") from None
+    if config.sample.method in ("meanflow", "shortcut") and config.diffusion.prediction != "velocity":
+        raise _fail("sample.method", "a sampler other than meanflow / shortcut, whose step reads the "
+                    "network's output as a velocity, for prediction " + repr(config.diffusion.prediction),
+                    config.sample.method)
     _in_range(config, "sample.guidance_scale", 0, None)
     _in_range(config, "sample.clip_x0", 0, None)
     interval = tuple(config.sample.get("guidance_interval", ()))
@@ -171,6 +176,29 @@ def resolve(config: Any):
     d = config.diffusion
     d.prediction, d.loss_weighting = processes.own_objective(process, d.prediction, d.loss_weighting)
     return process
+
+
+def _flow_map(config: Any, process: Any) -> None:
+    """config.diffusion.objective and its sub-config (`flow_maps.make`), and that the network
+    can be a flow map (`flow_maps.check`)."""
+    from diffusion_jax import flow_maps, models
+
+    d = config.diffusion
+    name = d.get("objective", flow_maps.DEFAULT)
+    if name not in flow_maps.NAMES:
+        raise _fail("diffusion.objective", f"one of {flow_maps.NAMES}", name)
+    try:
+        objective = flow_maps.make(d)
+    except TypeError as e:
+        raise ValueError(f"config.diffusion.{name}: {e}; its fields are "
+                         f"{tuple(flow_maps.default_fields(name))}") from None
+    except ValueError as e:
+        raise ValueError(f"config.diffusion.{name}.{e}") from None
+    if objective is not None:
+        try:
+            flow_maps.check(objective, process, d.prediction, models.validate(config.model))
+        except ValueError as e:
+            raise ValueError(f"config.diffusion.objective: {e}") from None
 
 
 def _process(config: Any):

@@ -43,7 +43,7 @@ def clip_bound(config: Any) -> float | None:
 
 def make_denoiser(config: Any, params: Any, cond: Any = None, guidance_scale: Any = 0.0,
                   process: Any = None) -> Callable:
-    """`samplers.denoiser` of the experiment's network: (x_t, t) -> Prediction(x0, eps, out).
+    """`samplers.denoiser` of the experiment's network: (x_t, t, r=None) -> Prediction(x0, eps, out).
 
     With config.sample.guidance_interval = (lo, hi) the guidance scale is w where the noise
     level sigma(t) = s(t) / a(t) lies in (lo, hi] and 0 elsewhere (Kynkaenniemi et al. 2024)."""
@@ -56,10 +56,10 @@ def make_denoiser(config: Any, params: Any, cond: Any = None, guidance_scale: An
                                  prediction, clip)
     lo, hi = (float(v) for v in interval)
 
-    def denoise(x, t):
+    def denoise(x, t, r=None):
         a, s = process.alpha_sigma(jnp.asarray(t))
         w = jnp.where((s / a > lo) & (s / a <= hi), jnp.asarray(guidance_scale, jnp.float32), 0.0)
-        return samplers.denoiser(make_denoise_fn(config, params, cond, w), process, prediction, clip)(x, t)
+        return samplers.denoiser(make_denoise_fn(config, params, cond, w), process, prediction, clip)(x, t, r)
 
     return denoise
 

@@ -8,6 +8,9 @@ for ddpm, Ho et al. 2020, Algorithm 1), per example i of the global batch:
 
 with the class label replaced by the null label `num_classes` with
 probability `cond_drop_prob` (classifier-free guidance, Ho & Salimans 2022).
+With config.diffusion.objective "meanflow" or "shortcut" the loss is instead the flow-map
+objective's (`diffusion_jax.flow_maps`: targets made by the network itself, from its own
+(t, r) or (t, d) draws); with the default "denoising" the step is exactly the one above.
 
 Randomness: the step's key is fold_in(key, step); example i's key is
 fold_in(step_key, i) with i its index in the GLOBAL batch, so the draws do not
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax import models, objectives, processes
+from diffusion_jax import flow_maps, models, objectives, processes
 from diffusion_jax.train import parallel
 from diffusion_jax.train.state import TrainState, ema_decay_at, ema_update
 
@@ -61,6 +64,7 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
     prediction, weighting = processes.own_objective(process, dc.prediction, dc.loss_weighting)  # "": its own
     num_classes = int(mc.num_classes)
     cond_drop_prob = float(tc.cond_drop_prob) if num_classes > 0 else 0.0
+    flow_map = flow_maps.make(dc)  # meanflow | shortcut; None: the regression of `objectives`
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         x0 = batch["image"]
@@ -78,6 +82,13 @@ def make_train_step(config: Any, model: Any, process: Any, tx: optax.GradientTra
         x_in, c_noise = process.network_inputs(x_t, t)
 
         def loss_fn(params):
+            if flow_map is not None:  # targets made by the network itself (diffusion_jax.flow_maps)
+                target_params = jax.lax.stop_gradient(flow_map.target_params(params, state.ema_params))
+                losses = flow_map.training_losses(
+                    flow_maps.network(model.apply, process, params, train=True, rngs={"dropout": dropout_key}),
+                    flow_maps.network(model.apply, process, target_params), process, x0, noise, t, cond,
+                    models.null_cond(mc, b), drop, jax.random.fold_in(step_key, 1))
+                return jnp.mean(losses["loss"]), losses
             out = model.apply({"params": params}, x_in, c_noise, cond, train=True,
                               rngs={"dropout": dropout_key})
             losses = objectives.training_losses(
