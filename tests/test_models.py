@@ -38,6 +38,29 @@ def test_output_shapes(name, size, channels):
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
 
 
+@pytest.mark.parametrize("depth", [4, 5])
+def test_dit_long_skips_and_conv_head_parameters(depth):
+    """U-ViT's long skips (Bao et al. 2023): the last depth//2 blocks each get a Dense from 2D to D
+    (2 D^2 + D parameters) before them, fed by the mirrored shallow block; the conv head is one
+    3x3 conv C -> C (9 C^2 + C). Shapes are unchanged."""
+    d, c = 32, 3
+    base = tiny_dit(depth=depth, hidden_size=d, in_channels=c, num_classes=10)
+    x = jax.ShapeDtypeStruct((2, 16, 16, c), jnp.float32)
+    t = y = jax.ShapeDtypeStruct((2,), jnp.int32)
+    counts = {}
+    for skip, head in ((False, False), (True, False), (False, True)):
+        model = models.create(tiny_dit(**{**base.to_dict(), "long_skip": skip, "conv_head": head}))
+        v = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+        out = jax.eval_shape(lambda v, x, t, y: model.apply(v, x, t, y), v, x, t, y)
+        assert out.shape == (2, 16, 16, c)
+        counts[skip, head] = count(v)
+        if skip:
+            assert sorted(k for k in v["params"] if k.startswith("skip_")) == [
+                f"skip_{i}" for i in range(depth - depth // 2, depth)]
+    assert counts[True, False] - counts[False, False] == (depth // 2) * (2 * d * d + d)
+    assert counts[False, True] - counts[False, False] == 9 * c * c + c
+
+
 def test_ddpm_cifar10_has_35_7m_parameters():
     """Ho et al. 2020 report 35.7M parameters for their CIFAR-10 network."""
     cfg = models.ddpm_cifar10_config()
@@ -71,13 +94,15 @@ def learner():
     """Tiny class-conditional UNet and DiT for 16x16x1, really initialised (shared by two tests)."""
     out = {}
     for name, cfg in (("unet", tiny_unet(ch=16, num_classes=4)),
-                      ("dit", tiny_dit(hidden_size=64, num_heads=4, num_classes=4))):
+                      ("dit", tiny_dit(hidden_size=64, num_heads=4, num_classes=4)),
+                      ("uvit", tiny_dit(hidden_size=64, num_heads=4, num_classes=4, depth=3,
+                                        long_skip=True, conv_head=True))):
         model = models.create(cfg)
         out[name] = (model, init(model, cfg, batch=8, cond=jnp.zeros(8, jnp.int32)))
     return out
 
 
-@pytest.mark.parametrize("name", ["unet", "dit"])
+@pytest.mark.parametrize("name", ["unet", "dit", "uvit"])
 def test_zero_initialised_output(learner, name):
     model, v = learner[name]
     x = jax.random.normal(jax.random.key(1), (8, 16, 16, 1))
@@ -188,6 +213,8 @@ def test_bfloat16_compute_with_float32_params():
         ("dit", {"patch_size": 3}, "patch_size"),
         ("dit", {"hidden_size": 250}, "hidden_size"),
         ("dit", {"ch": 64}, "ch"),  # unknown field for a DiT
+        ("dit", {"long_skip": 1}, "long_skip"),
+        ("dit", {"conv_head": "yes"}, "conv_head"),
     ],
 )
 def test_create_rejects_bad_fields(name, overrides, field):
@@ -229,7 +256,7 @@ def digit_like_batch(n=8, size=16) -> np.ndarray:
     return np.stack([np.where(m, 1.0, -1.0) for m in masks[:n]])[..., None].astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["unet", "dit"])
+@pytest.mark.parametrize("name", ["unet", "dit", "uvit"])
 def test_overfits_fixed_batch_under_eps_loss(learner, name):
     """A tiny class-conditional network memorises a fixed batch (x0, label, t, eps) of 8 images: eps-MSE falls >= 10x.
 

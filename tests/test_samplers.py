@@ -184,7 +184,12 @@ def test_sample_is_draw_with_the_registered_sampler():
     on its default grid and on a named one; timestep_spacing is grid's old name."""
     fn, key, shape = oracle(SMALL, "v"), jax.random.PRNGKey(7), (3, 2)
     process = processes.DDPM(SMALL)
-    for name, grid in [(name, "") for name in samplers.NAMES] + [("dpm_solver_pp", "trailing")]:
+    flow_only = ("meanflow", "shortcut")  # flow maps: no DDPM form, refused in one line
+    for name in flow_only:
+        with pytest.raises(ValueError, match="needs the flow process"):
+            samplers.sample(fn, SMALL, shape, key, method=name, num_steps=6, prediction="v")
+    ddpm_names = [name for name in samplers.NAMES if name not in flow_only]
+    for name, grid in [(name, "") for name in ddpm_names] + [("dpm_solver_pp", "trailing")]:
         want = samplers.draw(samplers.make(name, num_steps=6, grid=grid), samplers.denoiser(fn, process, "v"),
                              process, shape, key)
         got = samplers.sample(fn, SMALL, shape, key, method=name, num_steps=6, prediction="v", grid=grid)

@@ -51,7 +51,7 @@ def test_one_field_switches_the_formulation(env):
     """experiments/smoke.py with only diffusion.process changed, for all four processes (issue
     #21; flow used to stop on prediction 'eps'): the process's own prediction and loss
     weighting are filled in, one train step gives a finite loss and every registered sampler
-    draws finite images (tests/programs/switch_process.py, in a fresh process with the suite's
+    (the flow-map ones on flow only) draws finite images (tests/programs/switch_process.py, in a fresh process with the suite's
     cheap-compile settings, tests/conftest.py)."""
     import math
     import subprocess
@@ -66,4 +66,5 @@ def test_one_field_switches_the_formulation(env):
         _, got_prediction, got_weighting, loss, finite = lines[process]
         assert (got_prediction, got_weighting) == (prediction, weighting), lines[process]
         assert math.isfinite(float(loss.split("=")[1])), lines[process]
-        assert finite.split("=")[1].split(",") == list(samplers.NAMES), lines[process]
+        usable = [n for n in samplers.NAMES if process == "flow" or n not in ("meanflow", "shortcut")]
+        assert finite.split("=")[1].split(",") == usable, lines[process]

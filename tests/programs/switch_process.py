@@ -25,8 +25,17 @@ from experiments import smoke  # noqa: E402
 
 
 def network(config, params, cond, w):
-    """A stand-in network: an output shaped like x (of the config's prediction type)."""
-    return lambda x, t: jnp.tanh(x) * params + 0.1 * jnp.reshape(jnp.asarray(t, x.dtype), (-1, 1, 1, 1))
+    """A stand-in network: an output shaped like x (of the config's prediction type); h, the
+    flow-map samplers' interval input, is ignored, as a network without model.interval_input does."""
+    return lambda x, t, h=None: jnp.tanh(x) * params + 0.1 * jnp.reshape(jnp.asarray(t, x.dtype), (-1, 1, 1, 1))
+
+
+FLOW_MAPS = ("meanflow", "shortcut")  # samplers of flow maps: the flow process only
+
+
+def usable(process):
+    """The registered samplers that run on `process` (all of them; the flow-map ones on flow)."""
+    return [n for n in samplers.NAMES if process == "flow" or n not in FLOW_MAPS]
 
 
 def main(names):
@@ -42,7 +51,7 @@ def main(names):
         step = jax.jit(make_train_step(config, model, proc, tx, lr))
         state, metrics = step(state, batch, jax.random.PRNGKey(1))
         checked = config.copy_and_resolve_references()
-        for name in samplers.NAMES:
+        for name in usable(process):
             checked.sample.method = name
             config_lib.validate(checked)  # each sampler's settings and grid on this process
         labels = jnp.arange(2, dtype=jnp.int32)
@@ -51,10 +60,10 @@ def main(names):
         def draw_all(params, key):
             denoise = sampling.make_denoiser(config, params, labels, float(config.sample.guidance_scale), proc)
             return [samplers.draw(samplers.make(name, num_steps=2), denoise, proc, (2, 8, 8, 1), key)
-                    for name in samplers.NAMES]
+                    for name in usable(process)]
 
         xs = draw_all(jnp.float32(0.5), jax.random.PRNGKey(2))
-        finite = [n for n, x in zip(samplers.NAMES, xs) if np.all(np.isfinite(np.asarray(x)))]
+        finite = [n for n, x in zip(usable(process), xs) if np.all(np.isfinite(np.asarray(x)))]
         d = config.diffusion
         print(f"{process} {d.prediction} {d.loss_weighting} loss={float(metrics['loss']):.4f} "
               f"finite={','.join(finite)}", flush=True)
