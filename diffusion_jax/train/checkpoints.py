@@ -104,7 +104,18 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 def config_dict(config: Any) -> dict:
-    """The config as JSON-able nested dicts (tuples become lists, as on disk)."""
+    """The config as JSON-able nested dicts (tuples become lists, as on disk), with the ""
+    defaults of diffusion.prediction and .loss_weighting as the values they stand for
+    (`config.resolve`, on a copy): what is saved and compared is always the real value."""
+    d = config.get("diffusion", None) if hasattr(config, "copy_and_resolve_references") else None
+    if d is not None and "" in (d.get("prediction", None), d.get("loss_weighting", None)):
+        from diffusion_jax.train import config as config_lib
+
+        config = config.copy_and_resolve_references()
+        try:
+            config_lib.resolve(config)
+        except ValueError:
+            pass  # an invalid diffusion section: validation names it; saved and compared as given
     return json.loads(config.to_json_best_effort())
 
 
