@@ -8,9 +8,9 @@ by EDM's Table 1 (sigma_data = 0.5, ln sigma ~ N(-1.2, 1.2^2), loss weight 1 on 
 2e-3 with a cosine decay, EMA with warm-up; labels dropped with probability 0.1 for
 classifier-free guidance. Samples: DPM-Solver++(2M), 20 steps = 20 network calls, w = 0.5.
 
-What it reaches (docs/results_mnist.md; 2026-12-01, the project's 2-core AMD EPYC VM, from a
-fresh clone): 18 min 25 s wall for the main command (MNIST preparation, kernel build,
-2,800 steps at about 2.7 steps/s, grids), then conditional accuracy 0.989 (worst class
+What it reaches (docs/results_mnist.md; from a fresh clone, MNIST preparation, kernel build
+and grids included): 18 min 25 s wall at about 2.7 steps/s on the 2-core VM of 2026-12-01,
+11 min 2 s at about 4.5 steps/s on the faster 2-core VM of 2026-12-03; then, identically on both, conditional accuracy 0.989 (worst class
 0.97) and classifier-FD 0.559 = 1.76x the train-vs-test floor at 1,000 samples, scored by
 the project's classifier.
 """
@@ -37,6 +37,7 @@ def get_config():
     t.warmup_steps = 200
     t.ema_decay = 0.999  # with ema_warmup: min(0.999, (1+s)/(10+s))
     t.sample_every_steps = 1400
+    t.checkpoint_every_steps = 1000  # (mnist_ddpm.py: 250) each save dips the step rate; a resume loses <= 1,000 steps
 
     s = config.sample
     s.method = "dpm_solver_pp"
