@@ -28,10 +28,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import models, ops  # noqa: E402
-from diffusion_jax.train import config as config_lib, parallel, sampling  # noqa: E402
-from diffusion_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from diffusion_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from diffusion_jax import ops  # noqa: E402
+from diffusion_jax.train import config as config_lib, parallel  # noqa: E402
+from step_inputs import train_step_inputs  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "experiments/mnist_meanflow.py", "experiment config (flow, interval input)")
 flags.DEFINE_integer("rounds", 15, "timed rounds (one step of each objective per round)")
@@ -44,24 +43,14 @@ def main(argv):
     del argv
     ops.prepare()
     mesh = parallel.make_mesh()
-    repl = parallel.replicated_sharding(mesh)
     steps = {}
     for name in OBJECTIVES:
         config = FLAGS.config.copy_and_resolve_references()
         config.diffusion.objective = name
         config_lib.validate(config)
-        model, process = models.create(config.model), sampling.make_process(config)
-        tx, lr = make_optimizer(config.training)
-        state = jax.jit(lambda k: create_train_state(model, config.model, tx, k), out_shardings=repl)(
-            jax.random.PRNGKey(0))
-        b, mc = config.training.batch_size, config.model
-        rng = np.random.default_rng(0)
-        batch = parallel.global_batch(mesh, {
-            "image": rng.uniform(-1, 1, (b, mc.image_size, mc.image_size, mc.in_channels)).astype(np.float32),
-            "label": rng.integers(0, max(mc.num_classes, 1), b).astype(np.int32)})
-        key = parallel.replicate_array(mesh, jax.random.PRNGKey(1))
+        step, state, batch, key, _ = train_step_inputs(config, mesh)
         t = time.perf_counter()
-        compiled = jit_train_step(make_train_step(config, model, process, tx, lr), mesh).lower(state, batch, key).compile()
+        compiled = step.lower(state, batch, key).compile()
         compile_s = time.perf_counter() - t
         state, m = compiled(state, batch, key)  # warm-up
         jax.block_until_ready(m)

@@ -27,17 +27,17 @@ from diffusion_jax.ops import allocator  # noqa: E402
 allocator.keep_freed_memory()  # as launch.py, before JAX starts its threads
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from flops import matmul_timer, reference_flops  # noqa: E402
+from step_inputs import train_step_inputs  # noqa: E402
 
-from diffusion_jax import models, ops  # noqa: E402
-from diffusion_jax.train import config as config_lib, parallel, sampling  # noqa: E402
-from diffusion_jax.train.state import create_train_state, make_optimizer, num_params  # noqa: E402
-from diffusion_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from diffusion_jax import ops  # noqa: E402
+from diffusion_jax.train import config as config_lib, parallel  # noqa: E402
+from diffusion_jax.train.state import num_params  # noqa: E402
+from diffusion_jax.train.step import jit_train_step  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "experiments/mnist.py", "experiment config")
 flags.DEFINE_integer("steps", 20, "timed train steps")
@@ -51,27 +51,15 @@ def main(argv):
     config = FLAGS.config
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     mesh = parallel.make_mesh()
-    repl = parallel.replicated_sharding(mesh)
-    model = models.create(config.model)
-    process = sampling.make_process(config)  # any process (ddpm, vp, edm, flow)
-    tx, lr = make_optimizer(config.training)
-    state = jax.jit(lambda k: create_train_state(model, config.model, tx, k),
-                    out_shardings=repl)(jax.random.PRNGKey(0))
+    step, state, batch, key, make_step = train_step_inputs(config, mesh)
     b, mc = config.training.batch_size, config.model
-    rng = np.random.default_rng(0)
-    batch = parallel.global_batch(mesh, {
-        "image": rng.uniform(-1, 1, (b, mc.image_size, mc.image_size, mc.in_channels)).astype(np.float32),
-        "label": rng.integers(0, max(mc.num_classes, 1), b).astype(np.int32)})
-    key = parallel.replicate_array(mesh, jax.random.PRNGKey(1))
-
-    step = jit_train_step(make_train_step(config, model, process, tx, lr), mesh)
     t = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
     # FLOPs of the same step with the reference ops, from a fresh step function (bench/flops.py).
     kernels = ops.selected()
     flops = reference_flops(
-        lambda: jit_train_step(make_train_step(config, model, process, tx, lr), mesh).lower(state, batch, key))
+        lambda: jit_train_step(make_step(), mesh).lower(state, batch, key))
 
     peak_now = matmul_timer(FLAGS.matmul_size)
     state, m = compiled(state, batch, key)  # warm-up
