@@ -23,6 +23,9 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.data.random_flip = False  # bool; horizontal flips (not for digits)
     config.data.loader = "numpy"  # numpy (the split decoded in memory) | grain (records read from disk, docs/benchmarks.md)
     config.data.num_workers = 0  # integer >= 0; grain worker processes computing batches (0 = in the trainer)
+    # decoded (the uint8 cache, fast) | records (tfds' array_record files, PNGs decoded in the
+    # workers; loader grain only); the same batches either way (diffusion_jax/data/grain_input.py)
+    config.data.source = "decoded"
 
     # --- model (fields documented in diffusion_jax.models.default_config) ---
     config.model = models.default_config(model_name)

@@ -68,3 +68,18 @@ def test_one_field_switches_the_formulation(env):
         assert math.isfinite(float(loss.split("=")[1])), lines[process]
         usable = [n for n in samplers.NAMES if process == "flow" or n not in ("meanflow", "shortcut")]
         assert finite.split("=")[1].split(",") == usable, lines[process]
+
+
+def test_data_source_is_one_of_two_and_records_needs_grain():
+    config = smoke.get_config()
+    config.data.source = "pngs"
+    with pytest.raises(ValueError, match=r"^config\.data\.source must be one of \('decoded', 'records'\), "
+                                         r"got 'pngs'$"):
+        config_lib.validate(config)
+    config.data.source = "records"
+    config.data.loader = "numpy"
+    with pytest.raises(ValueError, match=r"^config\.data\.source 'records' is read through grain only: set "
+                                         r"config\.data\.loader = 'grain' .*got loader 'numpy'$"):
+        config_lib.validate(config)
+    config.data.loader = "grain"
+    config_lib.validate(config)

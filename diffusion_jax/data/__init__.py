@@ -46,6 +46,9 @@ __all__ = [
 # make_iterator(geometry, batch_size=, seed=, process_index=, process_count=).
 GENERATED = {synthetic.NAME: synthetic}
 LOADERS = ("numpy", "grain")  # make_iterator(loader=...): the split in memory, or records through grain
+# make_iterator(source=...): which prepared files the examples come from. decoded: the uint8 cache
+# (storage); records: tfds' array_record files, PNGs decoded as batches are made (records, grain only).
+SOURCES = ("decoded", "records")
 
 
 def model_geometry(model_config) -> tuple[tuple[int, int, int], int]:
@@ -85,7 +88,8 @@ def load_arrays(name: str, split: str, *, data_dir=None, auto_prepare: bool = Tr
 def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   random_flip: bool = False, num_epochs=None, process_index: int | None = None,
                   process_count: int | None = None, data_dir=None, auto_prepare: bool = True,
-                  geometry=None, loader: str = "numpy", num_workers: int = 0) -> BatchIterator:
+                  geometry=None, loader: str = "numpy", num_workers: int = 0,
+                  source: str = "decoded") -> BatchIterator:
     """Batches of split `split` of dataset `name` for this process.
 
     `batch_size` is global: each of the `process_count` processes (default
@@ -98,9 +102,16 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
     `loader="grain"` reads the prepared files record by record through grain
     instead of holding the split in memory (`grain_input`; endless, so
     `num_epochs` must be None), in `num_workers` worker processes when > 0.
+    With `source="records"` it reads tfds' array_record files and decodes their
+    PNGs in grain's map (so in the workers) instead of reading the decoded
+    cache: the same batches, bit for bit (`grain_input`).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "records" and loader != "grain":
+        raise ValueError("source 'records' is read through grain only: use loader='grain' (or source='decoded')")
     if process_index is None or process_count is None:
         import jax
 
@@ -123,9 +134,12 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
         cache = vdir / storage.CACHE_DIR  # storage's decoded cache, read record by record
         if not (cache / f"{split}-images.npy").exists():
             raise ValueError(f"split {split!r} not in dataset {name!r} ({cache})")
-        source = grain_input.NpyRecords(cache / f"{split}-images.npy", cache / f"{split}-labels.npy")
+        if source == "records":
+            records = _records(name, split, vdir, data_dir)
+        else:
+            records = grain_input.NpyRecords(cache / f"{split}-images.npy", cache / f"{split}-labels.npy")
         return grain_input.make_grain_iterator(
-            source, batch_size=batch_size, seed=seed, shuffle=shuffle, random_flip=random_flip,
+            records, batch_size=batch_size, seed=seed, shuffle=shuffle, random_flip=random_flip,
             process_index=process_index, process_count=process_count, num_workers=num_workers,
             dataset=name, split=split)
     images, labels = load_arrays(name, split, data_dir=data_dir, auto_prepare=auto_prepare)
@@ -133,6 +147,24 @@ def make_iterator(name: str, split: str, *, batch_size: int, seed: int, shuffle:
     return BatchIterator(images, labels, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          random_flip=random_flip, num_epochs=num_epochs, process_index=process_index,
                          process_count=process_count, dataset=name, split=split)
+
+
+def _records(name: str, split: str, vdir, data_dir):
+    """The split's array_record files as a `records.TfdsRecords` source, checked against the cache's size."""
+    from diffusion_jax.data import records
+
+    meta = storage.info(name, data_dir=data_dir)
+    files = records.record_files(vdir, split)
+    if not files:
+        raise DatasetError(f"dataset {name!r} has no array_record files of split {split!r} in {vdir} (a dataset "
+                           "written by data.write_arrays has only the decoded cache); read it with source "
+                           "'decoded' (config.data.source), or prepare it again with tfds")
+    source = records.TfdsRecords(files, meta.image_shape)
+    if len(source) != meta.splits[split]:
+        raise DatasetError(f"dataset {name!r} split {split!r}: {len(source)} array_record records in {vdir} but "
+                           f"{meta.splits[split]} in its decoded cache; delete {vdir} and run "
+                           f"`python -m diffusion_jax.data prepare {name}`")
+    return source
 
 
 def data_source(name: str, split: str, *, data_dir=None, auto_prepare: bool = True) -> ArraySource:

@@ -1,15 +1,28 @@
 """Training batches through grain, read record by record from the prepared files.
 
-    it = make_grain_iterator(vdir, "train", batch_size=128, seed=0, num_workers=2)
+    it = make_grain_iterator(NpyRecords(images_npy, labels_npy), batch_size=128, seed=0, num_workers=2)
     batch = next(it)        # {"image": f32 [b,H,W,C] in [-1, 1], "label": i32 [b]}
     state = it.get_state()  # JSON; set_state(state) on a new iterator continues exactly
 
-The source (`NpyRecords`) reads a batch's examples from the decoded cache
-(`storage`: <split>-images.npy, <split>-labels.npy) with one `os.pread` each, so the
-process holds a few batches, never the dataset: its resident memory does not
-grow with the dataset (bench/bench_data.py). tfds' array_record files of the
-same folder hold PNG bytes, whose decoding runs at a few thousand images/s
-(`storage`); the decoded cache is the prepared file that training can read.
+Two sources hold the same uint8 examples in the same order (`config.data.source`):
+
+* "decoded" (`NpyRecords`, the default): the decoded cache (`storage`:
+  <split>-images.npy, <split>-labels.npy), one `os.pread` per example. The fast path:
+  the pixels are read, not computed.
+* "records" (`records.TfdsRecords`): tfds' array_record files, one tf.train.Example
+  per example whose PNG is decoded in grain's map, so in the worker processes when
+  `num_workers` > 0. The format tfds and other loaders read; it does the work that
+  worker processes exist for, and on disk it is smaller than the decoded pixels
+  (MNIST train: 19 MB against 47 MB).
+
+The default is "decoded" because every prepared dataset has the cache and on one
+core it gives several times the images/s of decoding PNGs (docs/benchmarks.md);
+the numpy loader reads only the cache. PNG is lossless, so both sources give the
+same batches bit for bit: a run may switch source on resume.
+
+Either source is read a batch at a time, so the process holds a few batches,
+never the dataset: its resident memory does not grow with the dataset
+(bench/bench_data.py).
 
 The example stream (a `grain.MapDataset` of dataset indices) is 0..N-1 shuffled
 per epoch by grain (epoch e's permutation seeded with seed + e) and repeated
@@ -176,7 +189,7 @@ class GrainIterator:
 def make_grain_iterator(source: Any, *, batch_size: int, seed: int, shuffle: bool = True,
                         random_flip: bool = False, process_index: int = 0, process_count: int = 1,
                         num_workers: int = 0, dataset: str = "", split: str = "") -> GrainIterator:
-    """Endless batches of `source` (e.g. `NpyRecords`) for process `process_index`
+    """Endless batches of `source` (`NpyRecords` or `records.TfdsRecords`) for process `process_index`
     of `process_count`; `batch_size` is global. `num_workers` > 0 computes the
     batches in that many worker processes (grain's mp_prefetch)."""
     import grain

@@ -47,6 +47,7 @@ RESUMABLE_FIELDS = (
     "experiment", "sample", "eval", "parallel", "data.data_dir",
     "data.num_workers",  # where batches are computed, not what they are
     "data.loader",  # a change fails at the data state instead, in one line
+    "data.source",  # the same examples, bit for bit, from another prepared file
     "training.num_steps",  # except with a decaying lr_schedule: see `_resumable`
     "training.log_every_steps", "training.checkpoint_every_steps", "training.sample_every_steps",
     "training.keep_checkpoints", "training.async_checkpointing", "training.progress_bar",

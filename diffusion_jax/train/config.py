@@ -75,6 +75,10 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1, train
         raise ValueError(f"config.data.dataset: {e} (or one of {tuple(data.GENERATED)}, drawn in memory)") from None
     _bool(config, "data.random_flip")
     _one_of(config, "data.loader", data.LOADERS)
+    _one_of(config, "data.source", data.SOURCES)
+    if config.data.source == "records" and config.data.loader != "grain":
+        raise ValueError("config.data.source 'records' is read through grain only: set config.data.loader = "
+                         f"'grain' (or config.data.source = 'decoded'), got loader {config.data.loader!r}")
     _in_range(config, "data.num_workers", 0, None, integer=True)
 
     # Model: names first, then the model workstream's own field checks

@@ -61,7 +61,7 @@ def make_train_iterator(config: Any):
         random_flip=config.data.random_flip, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=config.data.data_dir or None,
         geometry=data.model_geometry(config.model), loader=config.data.get("loader", "numpy"),
-        num_workers=config.data.get("num_workers", 0))
+        num_workers=config.data.get("num_workers", 0), source=config.data.get("source", "decoded"))
 
 
 def prepare(config: Any, *, training: bool = True) -> None:
