@@ -5,9 +5,10 @@
     .venv/bin/python bench/bench_data.py --synthetic          # random 60k x 28x28x1 in a temp dir
     .venv/bin/python bench/bench_data.py --tfds_records 2000  # also time tfds' data source (PNG decode)
     .venv/bin/python bench/bench_data.py --loader grain [--num_workers 2]  # records read through grain
+    .venv/bin/python bench/bench_data.py --loader grain --source records  # tfds' array_record files, PNGs decoded
 
 Prints the median images/s over --repeats timed runs of --batches batches,
-the peak RSS of the process, and the RSS growth from loading and iterating
+the peak RSS of the process (and of each child process: grain's workers), and the RSS growth from loading and iterating
 relative to the decoded dataset's size (uint8 images + int32 labels).
 """
 
@@ -23,6 +24,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -31,6 +34,26 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def descendants_peak_rss_mb() -> list[float]:
+    """VmHWM (peak resident set) of each live descendant process, e.g. grain's workers."""
+    parent, hwm = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        parent[int(pid)] = int(status.get("PPid", "0").strip())
+        if "VmHWM" in status:
+            hwm[int(pid)] = int(status["VmHWM"].split()[0]) / 1024
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        found += children
+        frontier = children
+    return [hwm[p] for p in found if p in hwm]
 
 
 def main() -> None:
@@ -47,13 +70,19 @@ def main() -> None:
     p.add_argument("--tfds_records", type=int, default=0, help="also time reading N records via tfds.data_source")
     p.add_argument("--all_cores", action="store_true", help="do not pin the process to one core")
     p.add_argument("--loader", default="numpy", choices=("numpy", "grain"))
-    p.add_argument("--num_workers", type=int, default=0, help="grain worker processes (their RSS is not counted)")
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="grain worker processes (each one's peak RSS is printed apart)")
+    p.add_argument("--source", default="decoded", choices=("decoded", "records"),
+                   help="grain: the decoded cache, or tfds' array_record files (PNGs decoded per batch)")
     args = p.parse_args()
 
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
+    import diffusion_jax
     from diffusion_jax import data
+
+    print(f"diffusion_jax from {os.path.dirname(diffusion_jax.__file__)}")
 
     tmp = None
     if args.synthetic:
@@ -72,7 +101,7 @@ def main() -> None:
     it = data.make_iterator(args.dataset, args.split, batch_size=args.batch_size, seed=0,
                             random_flip=args.random_flip, process_index=0, process_count=1,
                             data_dir=args.data_dir, auto_prepare=False, loader=args.loader,
-                            num_workers=args.num_workers)
+                            num_workers=args.num_workers, source=args.source)
     load_s = time.perf_counter() - t0
     info = data.info(args.dataset, data_dir=args.data_dir)
     num_examples = info.splits[args.split]
@@ -89,12 +118,14 @@ def main() -> None:
 
     print(f"dataset={args.dataset}/{args.split} N={num_examples} batch_size={args.batch_size} "
           f"random_flip={args.random_flip} cores={len(os.sched_getaffinity(0))} loader={args.loader} "
-          f"num_workers={args.num_workers}")
+          f"num_workers={args.num_workers} source={args.source}")
     print(f"load (numpy: read + sha256 verify; grain: open the files): {load_s:.2f} s")
     print(f"images/s: median {statistics.median(rates):,.0f}  (min {min(rates):,.0f}, max {max(rates):,.0f}, "
           f"{args.repeats} runs x {args.batches} batches)")
     print(f"decoded dataset: {decoded_mb:.1f} MiB; RSS growth after load+iterate: {grown:.1f} MiB "
           f"({grown / decoded_mb:.2f}x decoded); peak RSS of process: {peak_rss_mb():.1f} MiB")
+    if args.num_workers:
+        print(f"peak RSS of the child processes: {', '.join(f'{r:.1f}' for r in descendants_peak_rss_mb())} MiB")
     print(f"tensorflow imported: {'tensorflow' in sys.modules}; jax imported: {'jax' in sys.modules}")
     assert batch["image"].dtype == np.float32
 
