@@ -3,6 +3,7 @@
 The dataset is written by tfds itself (the Fashion-MNIST builder fed from IDX
 files this test makes; TensorFlow is imported once, to prepare), so the records
 are the real format; the oracle is the decoded cache of the same preparation.
+The tests on that dataset are `slow` for TensorFlow's import and tfds' writer.
 """
 
 import gzip
@@ -57,6 +58,7 @@ def _it(data_dir, source, **kwargs):
     return data.make_iterator("fashion_mnist", "train", **args)
 
 
+@pytest.mark.slow
 def test_records_are_the_decoded_cache(data_dir):
     vdir = data.prepared_dir("fashion_mnist", data_dir)
     files = records.record_files(vdir, "train")
@@ -70,6 +72,7 @@ def test_records_are_the_decoded_cache(data_dir):
     assert source[5]["label"] == labels[5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,process_count", [(3, 1), (8, 2)])
 def test_same_batches_from_both_sources(data_dir, seed, process_count):
     """Same (seed, step, process) -> bit-identical images and labels from the records and the cache."""
@@ -83,6 +86,7 @@ def test_same_batches_from_both_sources(data_dir, seed, process_count):
         assert its[0].get_state() == its[1].get_state()
 
 
+@pytest.mark.slow
 def test_resume_with_the_other_source_and_in_a_worker(data_dir):
     """A state taken on the decoded cache resumes on the records, here decoded in a worker process."""
     decoded = _it(data_dir, "decoded")
@@ -101,11 +105,11 @@ def test_resume_with_the_other_source_and_in_a_worker(data_dir):
         resumed.close()
 
 
-def test_records_source_needs_grain_and_the_files(data_dir, tmp_path):
+def test_records_source_needs_grain_and_the_files(tmp_path):
     with pytest.raises(ValueError, match="loader='grain'"):
-        _it(data_dir, "records", loader="numpy")
+        _it(tmp_path, "records", loader="numpy")
     with pytest.raises(ValueError, match="source must be one of"):
-        _it(data_dir, "pngs")
+        _it(tmp_path, "pngs")
     images = np.zeros((4, 2, 3, 1), np.uint8)
     data.write_arrays("toy", {"train": (images, np.zeros(4))}, num_classes=2, data_dir=tmp_path)
     with pytest.raises(data.DatasetError, match="no array_record files.*'decoded'"):
