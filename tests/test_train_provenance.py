@@ -115,7 +115,7 @@ SAFE = [
     ("training.num_steps", 60), ("training.log_every_steps", 1), ("training.checkpoint_every_steps", 7),
     ("training.sample_every_steps", 2), ("training.keep_checkpoints", 9),
     ("training.async_checkpointing", False), ("training.progress_bar", True),
-    ("data.data_dir", "/elsewhere"), ("model.dropout", 0.1), ("sample.method", "ddpm"),
+    ("data.data_dir", "/elsewhere"), ("data.source", "records"), ("model.dropout", 0.1), ("sample.method", "ddpm"),
     ("sample.num_steps", 10), ("eval.num_samples", 4), ("parallel.num_processes", 4), ("experiment", "renamed"),
 ]
 
