@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import struct
+import time
 import zipfile
 
 import numpy as np
@@ -408,6 +409,40 @@ def test_grain_worker_process_gives_the_same_batches_and_resumes(toy):
         worker.close()
     with pytest.raises(ValueError, match="config.data.loader"):
         plain.set_state(_it(batch_size=30, random_flip=True).get_state())
+
+
+class _CountingSource:
+    """An in-memory source that counts the batches grain reads from it."""
+
+    def __init__(self, n):
+        self.images, self.reads = np.zeros((n, 2, 2, 1), np.uint8), 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": np.int32(0)}
+
+    def read_batch(self, indices):
+        self.reads += 1
+        return {"image": self.images[np.asarray(indices)], "label": np.zeros(len(indices), np.int32)}
+
+
+def test_grain_reads_a_bounded_number_of_batches_ahead():
+    """grain's default look-ahead is 500 elements (here batches) on 16 threads, which for
+    large images is tens of GB; the pipeline reads at most 8 batches (plus one per
+    thread in flight) beyond the one taken."""
+    from diffusion_jax.data import grain_input
+
+    source = _CountingSource(64)
+    it = grain_input.make_grain_iterator(source, batch_size=4, seed=0)
+    try:
+        next(it)
+        time.sleep(1.0)  # let the reader threads run as far ahead as they may
+        limit = 1 + grain_input._LOOKAHEAD_BATCHES + grain_input._READ_THREADS
+        assert 1 < source.reads <= limit, (source.reads, limit)
+    finally:
+        it.close()
 
 
 def test_num_epochs_and_default_process(toy):

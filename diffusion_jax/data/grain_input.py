@@ -44,6 +44,8 @@ import numpy as np
 
 STATE_FORMAT = "grain-1"
 _FLIP_STREAM = 1
+_READ_THREADS = 4  # threads reading ahead (per process, and per worker)
+_LOOKAHEAD_BATCHES = 8  # batches read ahead: the pipeline holds O(8 batches), not O(500)
 
 
 class NpyRecords:
@@ -146,7 +148,11 @@ class GrainIterator:
         import grain
 
         self.close()
-        ds = self._batches.slice(slice(self._step, None)).to_iter_dataset()
+        # A bounded look-ahead: grain's default reads 500 elements (here batches) ahead on 16
+        # threads, in every worker, so memory would grow with batch size x 500 (tens of GB for
+        # 256 px batches); 8 batches on 4 threads kept MNIST's rate (docs/benchmarks.md).
+        options = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_LOOKAHEAD_BATCHES)
+        ds = self._batches.slice(slice(self._step, None)).to_iter_dataset(options)
         if self._num_workers > 0:
             from absl import flags
 
