@@ -238,8 +238,8 @@ def _logsnr(lo, hi, n, rho):
     widens the spread by the factor 1 + h^2 / 16 whatever c; the last jump, x0_hat at
     sigma_b, narrows it by c / sqrt(c^2 + sigma_b^2) ~ 1 - sigma_b^2 / (2 c^2). They cancel at
     sigma_b = c h / sqrt(8), taken for c = sigma_data: 0.11 at n = 10, 0.06 at 20, 0.03 at 50
-    (sharper data pays for it: N(0.3, 0.1^2) ends 2.5-30x less accurate than from sigma_min,
-    still ahead of diffusers' grid, docs/samplers.md)."""
+    (sharper data pays for it: N(0.3, 0.1^2) ends 2.5-30x less accurate than on the previous
+    grid, which ran from cot(pi / 2n) / 2 to lo; still ahead of diffusers', docs/samplers.md)."""
     if n == 1:
         return np.array([hi])
     m = n - 1 if _prior_start(n) < hi else n  # calls on the uniform part (with hi when it starts there)
