@@ -183,9 +183,17 @@ def test_ddpm_losses_are_bit_identical_to_17866ad(name):
         np.testing.assert_array_equal(got, REFERENCE[f"loss/{name}/{prediction}/hybrid"])
 
 
+def _close(got, want, what):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=16 * np.finfo(np.float32).eps, err_msg=what)
+
+
 @pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_ddpm_samples_on_given_grids_are_bit_identical_to_17866ad(name):
-    """Each recorded grid, given explicitly to the sampler objects (and to `sample`)."""
+def test_ddpm_samples_on_given_grids_match_17866ad(name):
+    """Each recorded grid, given explicitly to the sampler objects (and to `sample`): the bits
+    recorded at 17866ad on the machine that wrote them; on another CPU, XLA's code (AVX2 against
+    AVX-512, FMA contraction) moves the last bits of a 16-step chain, measured up to 4.8e-7 on
+    values of order 1, about 4 float32 ulps. `_close` allows 16 ulps of 1; a changed
+    coefficient or a step out of place moves samples by 1e-3 or more."""
     sch = schedules.make(name, num_timesteps=T)
     process = processes.DDPM(sch)
     key = jax.random.fold_in(jax.random.PRNGKey(0), 3)
@@ -202,9 +210,9 @@ def test_ddpm_samples_on_given_grids_are_bit_identical_to_17866ad(name):
                         x = sampler(denoise, process, jax.random.normal(key, SHAPE), None, ts=grid)
                     else:
                         x = sampler(denoise, process, jax.random.normal(k_init, SHAPE), k_steps, ts=grid)
-                    np.testing.assert_array_equal(x, want, err_msg=f"{spacing} {method} {prediction} {clip}")
+                    _close(x, want, f"{spacing} {method} {prediction} {clip}")
     for variance in diffusion.VARIANCES:
         fn = model("eps", learned=variance == "learned_range")
         x = samplers.sample(fn, sch, SHAPE, jax.random.fold_in(jax.random.PRNGKey(0), 4), method="ddpm",
                             variance=variance)
-        np.testing.assert_array_equal(x, REFERENCE[f"sample/{name}/full/ddpm/{variance}"])
+        _close(x, REFERENCE[f"sample/{name}/full/ddpm/{variance}"], variance)
