@@ -48,9 +48,9 @@ def get_config():
     m.kappa = 0.0
 
     t = config.training
-    # bench/bench_flow_maps.py (2026-12-03, machine shared, load ~6.8): a MeanFlow step takes 1.29x
-    # the wall (1.43x the CPU time) of a flow-matching step of this network, ~0.53 s on a quiet
-    # machine where flow matching takes ~0.37 s: 2,800 steps ~ 25 minutes
+    # bench/bench_flow_maps.py: a MeanFlow step takes 1.3-1.45x the wall of a flow-matching step of
+    # this network; on the VM of the goal run (2026-12-03) 0.74 s against 0.51 s, so 2,800 steps
+    # took ~40 minutes alone (docs/flow_maps.md); two calls already meet #23's goal at 1,400
     t.num_steps = 2800
     t.sample_every_steps = 1400
 
