@@ -36,10 +36,6 @@ LAWS = {
 }
 
 
-def diffusers_ddim_grid(T: int, n: int) -> np.ndarray:
-    return np.concatenate([(np.arange(n) * (T // n))[::-1], [-1]]).astype(np.int32)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="10,15,20,30,50")
@@ -56,7 +52,7 @@ def main():
             sampler = samplers.make("ddim", num_steps=n)
             run = jax.jit(lambda law, ts: sampler(law.denoiser(p), p, x_T, None, ts=ts))
             grids = (samplers.time_grid(p, n, "cosine_half"), samplers.time_grid(p, n, "cosine"),
-                     diffusers_ddim_grid(p.num_timesteps, n))
+                     oracles.diffusers_grid("ddim", p.num_timesteps, n))
             for name, law in LAWS.items():
                 arrays = G(*(jnp.asarray(v, jnp.float32) for v in law))
                 ours, cos, theirs = (oracles.transport_error(np.asarray(run(arrays, jnp.asarray(ts))), law, probs)

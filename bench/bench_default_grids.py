@@ -41,17 +41,6 @@ LAWS = {
 DRAWS = 16384
 
 
-def diffusers_grid(method: str, T: int, n: int) -> np.ndarray:
-    ts = (np.arange(n) * (T // n))[::-1] if method == "ddim" else np.round(np.linspace(0, T - 1, n + 1))[::-1][:-1]
-    return np.concatenate([ts, [-1]]).astype(np.int32)
-
-
-def eps_model(process, law, x, t):
-    """The exact eps-prediction of `law` at times t [B], a model output for `sample`."""
-    a, s = (jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1)) for v in process.alpha_sigma(t))
-    return (x - a * law.x0(process, x, t)) / s
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="10,20,50")
@@ -73,9 +62,9 @@ def main():
         for method in args.methods.split(","):
             for n in (int(v) for v in args.steps.split(",")):
                 sampler = samplers.make(method, num_steps=n)
-                theirs = jnp.asarray(diffusers_grid(method, p.num_timesteps, n))
+                theirs = jnp.asarray(oracles.diffusers_grid(method, p.num_timesteps, n))
                 on_grid = jax.jit(lambda law, x, ts: sampler(law.denoiser(p), p, x, None, ts=ts))
-                sample = jax.jit(lambda law: samplers.sample(functools.partial(eps_model, p, law), sch, (DRAWS, 1),
+                sample = jax.jit(lambda law: samplers.sample(functools.partial(law.eps, p), sch, (DRAWS, 1),
                                                              key, method=method, num_steps=n))
                 for name, law in LAWS.items():
                     arrays = G(*(jnp.asarray(v, jnp.float32) for v in law))

@@ -42,15 +42,6 @@ PROCESSES = {
 STOCHASTIC = ("ddpm", "edm_sde")
 
 
-def diffusers_grid(name: str, process, n: int) -> np.ndarray:
-    T = process.num_timesteps
-    if name == "diffusers-ddim":
-        ts = (np.arange(n) * (T // n))[::-1]
-    else:
-        ts = np.round(np.linspace(0, T - 1, n + 1))[::-1][:-1]
-    return np.concatenate([ts, [-1]]).astype(np.int32)
-
-
 def errors(process, sampler, ts, num: int, key) -> dict[str, float]:
     """W2 error on each data law for one compiled sampler."""
     stochastic = sampler.name in STOCHASTIC
@@ -95,7 +86,7 @@ def main():
             for nfe in nfes:
                 if sname.startswith("diffusers"):
                     sampler = samplers.make("ddim" if sname.endswith("ddim") else "dpm_solver_pp", num_steps=nfe)
-                    ts, grid = diffusers_grid(sname, process, nfe), "diffusers"
+                    ts, grid = oracles.diffusers_grid({"diffusers-ddim": "ddim", "diffusers-dpm": "dpm_solver_pp"}[sname], process.num_timesteps, nfe), "diffusers"
                 else:
                     sampler = samplers.make(sname).with_nfe(process, nfe)
                     ts, grid = sampler.times(process), sampler.grid or sampler.default_grid

@@ -24,7 +24,7 @@ import numpy as np
 
 from diffusion_jax.samplers import Prediction
 
-__all__ = ["GaussianMixture", "gaussian", "prior_quantile_points", "transport_error"]
+__all__ = ["GaussianMixture", "diffusers_grid", "gaussian", "prior_quantile_points", "transport_error"]
 
 
 class GaussianMixture(NamedTuple):
@@ -47,14 +47,19 @@ class GaussianMixture(NamedTuple):
         means = mu + a * c * c / var * (x[None] - a * mu)
         return jnp.sum(jax.nn.softmax(logits, axis=0) * means, axis=0)
 
+    def eps(self, process, x, t):
+        """The exact noise prediction (x - a E[x0 | x]) / s at time t (scalar or [B]): an
+        eps-model output, for `samplers.sample`."""
+        a, s = process.alpha_sigma(jnp.asarray(t))
+        a, s = (jnp.reshape(v, jnp.shape(v) + (1,) * (x.ndim - jnp.ndim(v))) for v in (a, s))
+        return (x - a * self.x0(process, x, t)) / s
+
     def denoiser(self, process):
         """denoise(x, t) -> Prediction of the exact model, for the samplers."""
 
         def denoise(x, t):
             x0 = self.x0(process, x, t)
-            a, s = process.alpha_sigma(jnp.asarray(t))
-            eps = (x - a * x0) / s
-            return Prediction(x0, eps, x0)
+            return Prediction(x0, self.eps(process, x, t), x0)
 
         return denoise
 
@@ -85,6 +90,21 @@ def prior_quantile_points(n: int) -> np.ndarray:
     """Probabilities (i + 1/2) / n and the N(0, 1) quantiles at them, float64."""
     p = (np.arange(n) + 0.5) / n
     return p, gaussian(0.0, 1.0).quantiles(p)
+
+
+def diffusers_grid(method: str, num_timesteps: int, n: int) -> np.ndarray:
+    """The peer's default time grid on a DDPM process of T = num_timesteps, then t = -1 (clean
+    data), int32 [n + 1]: diffusers' DDIMScheduler ("leading", set_alpha_to_one) for
+    method "ddim", its DPMSolverMultistepScheduler ("linspace" over n + 1 points without
+    t = 0, final sigma 0) for "dpm_solver_pp"; what the default grids are held to."""
+    T = num_timesteps
+    if method == "ddim":
+        ts = (np.arange(n) * (T // n))[::-1]
+    elif method == "dpm_solver_pp":
+        ts = np.round(np.linspace(0, T - 1, n + 1))[::-1][:-1]
+    else:
+        raise ValueError(f"diffusers_grid: method must be 'ddim' or 'dpm_solver_pp', got {method!r}")
+    return np.concatenate([ts, [-1]]).astype(np.int32)
 
 
 def transport_error(outputs, data: GaussianMixture, p: np.ndarray) -> float:

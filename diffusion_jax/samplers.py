@@ -192,7 +192,7 @@ def dpmpp_update(x, x0, a, s, a_next, s_next, history=(), order: int = 2, d2_wei
 # ----------------------------------------------------------------------------- time grids
 
 
-# The data scale the grids assume ("logsnr", "cosine", "cosine_half"): EDM's sigma_data for [-1, 1].
+# The data scale the "logsnr" and "cosine" grids assume: EDM's sigma_data for [-1, 1] ("cosine_half": `_DDIM_SCALE`).
 _SIGMA_DATA = 0.5
 
 
@@ -238,12 +238,12 @@ def _logsnr(lo, hi, n, rho):
     widens the spread by the factor 1 + h^2 / 16 whatever c; the last jump, x0_hat at
     sigma_b, narrows it by c / sqrt(c^2 + sigma_b^2) ~ 1 - sigma_b^2 / (2 c^2). They cancel at
     sigma_b = c h / sqrt(8), taken for c = sigma_data: 0.11 at n = 10, 0.06 at 20, 0.03 at 50
-    (sharper data pays for it: N(0.3, 0.1^2) ends 2.5-30x less accurate than on the previous
+    (sharper data pays for it: N(0.3, 0.1^2) ends 2.5-28x less accurate than on the previous
     grid, which ran from cot(pi / 2n) / 2 to lo; still ahead of diffusers', docs/samplers.md)."""
     if n == 1:
         return np.array([hi])
-    m = n - 1 if _prior_start(n) < hi else n  # calls on the uniform part (with hi when it starts there)
     top = min(hi, _prior_start(n))
+    m = n if top == hi else n - 1  # calls on the uniform part (hi is its first when it starts there)
     last = lo
     for _ in range(30):  # sigma_b = k log(top / sigma_b): contracts by 1 / log(top / sigma_b) ~ 1/5
         last = min(max(lo, _SIGMA_DATA * math.log(top / last) / (max(m - 1, 1) * math.sqrt(8.0))), top)

@@ -401,19 +401,6 @@ def test_stochastic_samplers_match_the_data_law(process, name, settings):
     assert oracles.transport_error(np.asarray(x), MIXTURE, (np.arange(n) + 0.5) / n) < 0.02
 
 
-def _diffusers_grid(kind, T, n):
-    """DDIMScheduler's default ("leading", set_alpha_to_one) and DPMSolverMultistepScheduler's
-    ("linspace" over n + 1 points without t = 0, final sigma 0) timesteps, then clean data."""
-    ts = (np.arange(n) * (T // n))[::-1] if kind == "ddim" else np.round(np.linspace(0, T - 1, n + 1))[::-1][:-1]
-    return np.concatenate([ts, [-1]]).astype(np.int32)
-
-
-def _eps_model(process, law, x, t):
-    """The exact eps-prediction of `law` at times t [B] (a model output for `sample`)."""
-    a, s = (jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1)) for v in process.alpha_sigma(t))
-    return (x - a * law.x0(process, x, t)) / s
-
-
 DATA = {"broad": oracles.gaussian(MU, 0.5), "sharp": oracles.gaussian(MU, 0.1), "mixture": MIXTURE}
 # Issue #21's law, outside [-1, 1]: modes 3.5 apart are decided at sigma of several units, above
 # where the grids' data scale (sigma_data = 0.5) puts the steps.
@@ -438,13 +425,13 @@ def test_default_grids_are_at_least_as_accurate_as_diffusers(schedule, name):
     p_d = np.sort(oracles.gaussian(0.0, 1.0).cdf(np.asarray(x_d, np.float64)).ravel())
     for n in (10, 20, 50):
         sampler = samplers.make(name, num_steps=n)
-        theirs_ts = jnp.asarray(_diffusers_grid(name, 1000, n))
+        theirs_ts = jnp.asarray(oracles.diffusers_grid(name, 1000, n))
         assert len(sampler.times(p)) == len(theirs_ts) == n + 1
         on_grid = jax.jit(lambda law, x, ts: sampler(law.denoiser(p), p, x, None, ts=ts))
         entry_points = {"sampler": lambda law: on_grid(law, x_q, jnp.asarray(sampler.times(p)))}
         if n == 10:
             entry_points["sample"] = jax.jit(lambda law: samplers.sample(
-                functools.partial(_eps_model, p, law), sch, (4096, 1), key, method=name, num_steps=n))
+                functools.partial(law.eps, p), sch, (4096, 1), key, method=name, num_steps=n))
         laws = dict(DATA, wide=WIDE)
         for data, law in laws.items():
             arrays = oracles.GaussianMixture(*(jnp.asarray(v, jnp.float32) for v in law))
