@@ -12,7 +12,9 @@ What it reaches (docs/results_mnist.md; from a fresh clone, MNIST preparation, k
 and grids included): 18 min 25 s wall at about 2.7 steps/s on the 2-core VM of 2026-12-01,
 11 min 2 s at about 4.5 steps/s on the faster 2-core VM of 2026-12-03; then, identically on both, conditional accuracy 0.989 (worst class
 0.97) and classifier-FD 0.559 = 1.76x the train-vs-test floor at 1,000 samples, scored by
-the project's classifier.
+the project's classifier, on the DPM-Solver++ grid of that date. On the grid of issue #21
+(2026-12-03), one retrained checkpoint: 0.988 and FD 0.551 = 1.59x a floor of 0.347 (the old
+grid on the same checkpoint: 0.989, 0.594).
 """
 
 from experiments import mnist_ddpm
