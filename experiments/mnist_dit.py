@@ -3,7 +3,7 @@
 Patches of 4x4 pixels (49 tokens), width 128, 6 adaLN-Zero blocks, with U-ViT's long
 skips (block i feeds block 5-i) and a 3x3 conv on the unpatchified output (Bao et al.
 2023); EDM preconditioning as experiments/mnist.py; AdamW without weight decay as in the
-DiT paper at 2e-3 with warm-up and a cosine decay; guidance w = 1.
+DiT paper at 2e-3 with warm-up and a cosine decay; guidance w = 0.5.
 
 What it reaches (docs/results_mnist.md, 2026-12-03, the project's 2-core VM, from a fresh
 clone): 5,600 steps at 6.0-7.0 steps/s when alone; conditional accuracy 0.976 and

@@ -28,18 +28,21 @@ def test_timestep_embedding_matches_numpy_formula():
 
 def test_label_table_is_drawn_with_label_init_std():
     """model.label_init_std reaches the label table of both networks: the sample std of its
-    (num_classes + 1) x features entries is within 10% of the setting (a few % spread at n >= 2,000)."""
+    (num_classes + 1) x features entries is within 10% of the setting (a few % spread at n >= 2,000).
+    Tiny networks with 200 classes give the table its size (tests/models_support.py)."""
     import jax
     import pytest
+    from models_support import TINY, jit
 
     from diffusion_jax import models
     from diffusion_jax.train.state import dummy_inputs
 
     for name in ("unet", "dit"):
         for std in (0.02, 1.0):
-            c = models.default_config(name)
-            c.num_classes, c.label_init_std = 10, std
-            params = models.create(c).init({"params": jax.random.PRNGKey(0)}, *dummy_inputs(c), train=False)["params"]
+            c = TINY[name](num_classes=200, label_init_std=std)
+            model = models.create(c)
+            params = jit(lambda k, model=model, c=c: model.init({"params": k}, *dummy_inputs(c), train=False))(
+                jax.random.PRNGKey(0))["params"]
             table = np.asarray(params["embed"]["cond"]["label_table"]["embedding"])
             assert table.size >= 2000 and abs(table.std() / std - 1) < 0.1, (name, std, table.std())
     c = models.default_config("unet")

@@ -80,19 +80,17 @@ def _assert_trees_close(got, want, **tol):
         np.testing.assert_allclose(got[k], want[k], err_msg=k, **tol)
 
 
-def test_fsdp_2_and_8_give_the_data_parallel_losses_and_split_the_state(eight):
+def test_fsdp_8_gives_the_data_parallel_losses_and_splits_the_state(eight):
+    """fsdp = 8 outside the trainer; fsdp = 4 and 2: the trainer's steps 1-3 and 4 in the next test."""
     res, _ = eight
-    dp = res["dp"]
+    dp, r = res["dp"], res["fsdp8"]
     assert dp["sharded_leaves"] == 0
-    for fsdp in (2, 8):  # fsdp = 4: the trainer's steps 1-3 in the next test
-        r = res[f"fsdp{fsdp}"]
-        np.testing.assert_allclose(r["losses"], dp["losses"], rtol=LOSS_RTOL, err_msg=f"fsdp={fsdp}")
-        _assert_trees_close(r["params"], dp["params"], **PARAM_TOL)
-        _assert_trees_close(r["ema"], dp["ema"], **PARAM_TOL)
-        assert r["sharded_leaves"] > 0
-    # device 0 holds less with every doubling (the small arrays stay replicated)
-    held = [res[k]["device0_bytes"] for k in ("dp", "fsdp2", "fsdp8")]
-    assert held[0] > held[1] > held[2], held
+    np.testing.assert_allclose(r["losses"], dp["losses"], rtol=LOSS_RTOL)
+    _assert_trees_close(r["params"], dp["params"], **PARAM_TOL)
+    _assert_trees_close(r["ema"], dp["ema"], **PARAM_TOL)
+    assert r["sharded_leaves"] > 0
+    # device 0 holds under a quarter of the replicated state (the small arrays stay replicated)
+    assert r["device0_bytes"] < dp["device0_bytes"] / 4, (r["device0_bytes"], dp["device0_bytes"])
 
 
 def test_checkpoint_of_fsdp_4_resumes_at_fsdp_2_and_restores_onto_one_device(eight):
