@@ -85,8 +85,9 @@ def main():
         for sname in names:
             for nfe in nfes:
                 if sname.startswith("diffusers"):
-                    sampler = samplers.make("ddim" if sname.endswith("ddim") else "dpm_solver_pp", num_steps=nfe)
-                    ts, grid = oracles.diffusers_grid({"diffusers-ddim": "ddim", "diffusers-dpm": "dpm_solver_pp"}[sname], process.num_timesteps, nfe), "diffusers"
+                    method = "ddim" if sname.endswith("ddim") else "dpm_solver_pp"
+                    sampler = samplers.make(method, num_steps=nfe)
+                    ts, grid = oracles.diffusers_grid(method, process.num_timesteps, nfe), "diffusers"
                 else:
                     sampler = samplers.make(sname).with_nfe(process, nfe)
                     ts, grid = sampler.times(process), sampler.grid or sampler.default_grid
