@@ -9,7 +9,9 @@ What it reaches (docs/results_mnist.md, 2026-12-03, the project's 2-core VM, fro
 clone): 5,600 steps at 6.0-7.0 steps/s when alone; conditional accuracy 0.976 and
 classifier-FD 0.759 = 2.4x the train-vs-test floor at w = 0.5 (0.990 and 2.9x at w = 1;
 DPM-Solver++(2M), 20 network calls, N = 1,000, the project's classifier). The recipe of
-2026-12-01 (no skips, no conv head, 5e-4, 2,400 steps) was at 42x. Issue #22's goal
+2026-12-01 (no skips, no conv head, 5e-4, 2,400 steps) was at 42x. Retrained on issue #21's
+DPM-Solver++ grid and scored by the classifier of 2026-12-03 (floor 0.347): 0.970 and 2.6x at
+w = 0.5, 0.988 and 2.3x at w = 0.75 (one run; docs/results_mnist.md). Issue #22's goal
 (<= 2x, >= 0.97 in 18 minutes) is not met yet.
 """
 
