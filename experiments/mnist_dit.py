@@ -7,13 +7,13 @@ preset, ln sigma ~ N(-0.8, 1.6^2) (Karras et al. 2024), shifted toward the high 
 49 tokens must agree on a digit's shape; AdamW without weight decay as in the DiT paper at 3e-3
 with 300 warm-up steps and a cosine decay; guidance w = 0.5.
 
-What it reaches (docs/results_mnist.md, 2026-12-03; DPM-Solver++(2M), 20 network calls,
-N = 1,000, scored by the project's classifier, floor FD 0.347): 5,600 steps; conditional
-accuracy 0.988 and classifier-FD 0.679 = 1.96x the train-vs-test floor at w = 0.5 (0.979 and
-2.0x at w = 0.375, 0.995 and 2.5x at w = 0.75). With EDM's noise levels and lr 2e-3 it was at
-2.3-2.6x. From a fresh clone on the slower 2-core VM (0.33 s per step) it took 35.5 minutes;
-the step runs at 6-7 steps/s on the faster one (an estimated 15 minutes). Issue #22's goal is
-18 minutes.
+What it reaches (docs/results_mnist.md, 2026-12-03; DPM-Solver++(2M), 20 network calls, N =
+1,000, scored by the project's classifier, floor FD 0.347): 5,600 steps; conditional accuracy
+0.988 and classifier-FD 0.679 = 1.96x the train-vs-test floor at w = 0.5 (0.979 and 2.0x at w =
+0.375, 0.995 and 2.5x at w = 0.75). With EDM's noise levels and lr 2e-3 it was at 2.3-2.6x. A
+second seed: 0.984 and 1.88x at w = 0.5. From a fresh clone on the slower 2-core VM (0.33 s per
+step) it took 35.5 minutes; the step runs at 6-7 steps/s on the faster one (an estimated 15
+minutes). Issue #22's goal is 18 minutes.
 """
 
 from diffusion_jax import models
