@@ -14,6 +14,7 @@ def get_config():
     config.diffusion.edm.p_std = 1.2
     config.training.num_steps = 2800
     config.training.sample_every_steps = 1400
+    config.sample.guidance_scale = 0.5
     config.data.dataset = "fashion_mnist"
     config.data.random_flip = True  # bool; clothes are left-right symmetric enough
     return config

@@ -20,6 +20,7 @@ def get_config():
     d.flow.t_sampling = "logit_normal"
     config.training.num_steps = 2800  # as measured (experiments/mnist.py moved to 2,100)
     config.training.sample_every_steps = 1400
+    config.sample.guidance_scale = 0.5
     s = config.sample
     s.method = "euler"
     s.grid = "trailing"
