@@ -4,17 +4,17 @@ README's main job.
 The UNet of experiments/mnist_ddpm.py (0.72M parameters: widths 16 / 32 / 64 at
 28 / 14 / 7 pixels, attention at 7x7), with the embedding applied as a GroupNorm scale and
 shift (ADM, Dhariwal & Nichol 2021) and the label table drawn from N(0, 1), preconditioned
-by EDM's Table 1 (sigma_data = 0.5, ln sigma ~ N(-1.2, 1.2^2), loss weight 1 on F); Adam at
-2e-3 with a cosine decay, EMA with warm-up; labels dropped with probability 0.1 for
-classifier-free guidance. Samples: DPM-Solver++(2M), 20 steps = 20 network calls, w = 0.5.
+by EDM's Table 1 (sigma_data = 0.5, loss weight 1 on F) with EDM2's ImageNet-64 noise levels
+ln sigma ~ N(-0.8, 1.6^2) (Karras et al. 2024); Adam at 2e-3 with a cosine decay over 1,800
+steps, EMA with warm-up; labels dropped with probability 0.1 for classifier-free guidance.
+Samples: DPM-Solver++(2M), 20 steps = 20 network calls, w = 0.375.
 
-What it reaches (docs/results_mnist.md; from a fresh clone, MNIST preparation, kernel build
-and grids included): 18 min 25 s wall at about 2.7 steps/s on the 2-core VM of 2026-12-01,
-11 min 2 s at about 4.5 steps/s on the faster 2-core VM of 2026-12-03; then, identically on both, conditional accuracy 0.989 (worst class
-0.97) and classifier-FD 0.559 = 1.76x the train-vs-test floor at 1,000 samples, scored by
-the project's classifier, on the DPM-Solver++ grid of that date. On the grid of issue #21
-(2026-12-03), one retrained checkpoint: 0.988 and FD 0.551 = 1.59x a floor of 0.347 (the old
-grid on the same checkpoint: 0.989, 0.594).
+What it reaches (docs/results_mnist.md, 2026-12-03; from a fresh clone, MNIST preparation,
+kernel build and the grid included): 14 min 17 s wall on the slower 2-core AMD EPYC VM (2.0-2.7
+steps/s); conditional accuracy 0.986 (worst class 0.97) and classifier-FD 0.544 = 1.57x the
+train-vs-test floor of 0.347 at 1,000 samples, scored by the project's classifier. The
+recipe before (EDM's levels, 2,800 steps, w = 0.5) reached 1.59x and 0.988 in 18 min 25 s on
+a VM of that speed.
 """
 
 from experiments import mnist_ddpm
