@@ -6,9 +6,9 @@ h = t - r (model.interval_input), learns the average velocity u(x_t, r, t) over 
 (diffusion_jax/flow_maps.py): u_tgt = v - (t - r) du/dt by a JVP on a quarter of each batch,
 flow matching (r = t) on the rest, (t, r) from two logit-normal draws (-0.4, 1.0), the
 adaptive weight 1 / (||du||^2 + 0.01) (p = 1): the paper's ImageNet settings; t and t - r
-enter the network unscaled (flow.time_scale = 1). Guidance is
-trained into the target (omega = 1.5, the w = 0.5 of experiments/mnist.py's sampler until 2026-12-03), so a
-guided sample costs one network call: `--mode sample` draws x0 = x_1 - u(x_1, 0, 1)
+enter the network unscaled (flow.time_scale = 1). Guidance is trained into the target
+(omega = 1.5, the w = 0.5 of experiments/mnist.py's sampler until 2026-12-03), so a guided
+sample costs one network call: `--mode sample` draws x0 = x_1 - u(x_1, 0, 1)
 (sampler "meanflow", 1 step); `--config.sample.num_steps=2` (or 4) for 2 (4) calls.
 
 Measured (docs/flow_maps.md, 2026-12-03, the project's 2-core VM, project classifier,
