@@ -51,3 +51,15 @@ def get_config():
     s.num_steps = 20  # 20 NFE
     s.guidance_scale = 0.375  # best classifier-FD of w in {0.25, 0.375, 0.5, 0.75} at 2,100 steps (docs/results_mnist.md)
     return config
+
+
+def use_previous_recipe(config):
+    """Sets the fields experiments/mnist.py changed on 2026-12-03 back to the recipe before
+    (EDM's noise levels ln sigma ~ N(-1.2, 1.2^2), 2,800 steps, a grid every 1,400, w = 0.5),
+    for the configs built on it whose results were measured with that recipe."""
+    config.diffusion.edm.p_mean = -1.2
+    config.diffusion.edm.p_std = 1.2
+    config.training.num_steps = 2800
+    config.training.sample_every_steps = 1400
+    config.sample.guidance_scale = 0.5
+    return config

@@ -11,20 +11,15 @@ from experiments import mnist
 
 
 def get_config():
-    config = mnist.get_config()
+    # the recipe it was measured with (EDM's noise levels are unused by flow, but part of the
+    # config a checkpoint is checked against)
+    config = mnist.use_previous_recipe(mnist.get_config())
     config.experiment = "mnist_flow"
     d = config.diffusion
     d.process = "flow"
     d.prediction = "velocity"
     d.loss_weighting = "none"  # the flow-matching loss: velocity MSE
     d.flow.t_sampling = "logit_normal"
-    # as measured: experiments/mnist.py moved to 1,800 steps and EDM2's levels (unused by flow, but
-    # part of the config a checkpoint is checked against)
-    config.diffusion.edm.p_mean = -1.2
-    config.diffusion.edm.p_std = 1.2
-    config.training.num_steps = 2800
-    config.training.sample_every_steps = 1400
-    config.sample.guidance_scale = 0.5
     s = config.sample
     s.method = "euler"
     s.grid = "trailing"
