@@ -61,6 +61,25 @@ def test_dit_long_skips_and_conv_head_parameters(depth):
     assert counts[False, True] - counts[False, False] == 9 * c * c + c
 
 
+def test_dit_conv_stem_parameters_and_shapes():
+    """conv_stem = S adds a 3x3 conv C -> S, two of the UNet's ResBlocks at width S (each two 3x3
+    convs S -> S, two GroupNorms, an embedding Dense D -> S: 18 S^2 + D S + 7 S), a GroupNorm and a
+    3x3 conv S -> C in the head; the patch embedding and the final Dense see S channels instead of C."""
+    d, c, p, s = 32, 3, 4, 8
+    x = jax.ShapeDtypeStruct((2, 16, 16, c), jnp.float32)
+    t = y = jax.ShapeDtypeStruct((2,), jnp.int32)
+    counts = {}
+    for stem in (0, s):
+        model = models.create(tiny_dit(hidden_size=d, in_channels=c, patch_size=p, num_classes=10, conv_stem=stem))
+        v = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+        out = jax.eval_shape(lambda v, x, t, y: model.apply(v, x, t, y), v, x, t, y)
+        assert out.shape == (2, 16, 16, c)
+        counts[stem] = count(v)
+    resblock = 18 * s * s + d * s + 7 * s
+    added = (9 * c * s + s) + 2 * resblock + 2 * s + (9 * s * c + c) + p * p * (s - c) * d + (d + 1) * p * p * (s - c)
+    assert counts[s] - counts[0] == added
+
+
 def test_ddpm_cifar10_has_35_7m_parameters():
     """Ho et al. 2020 report 35.7M parameters for their CIFAR-10 network."""
     cfg = models.ddpm_cifar10_config()
@@ -96,13 +115,15 @@ def learner():
     for name, cfg in (("unet", tiny_unet(ch=16, num_classes=4)),
                       ("dit", tiny_dit(hidden_size=64, num_heads=4, num_classes=4)),
                       ("uvit", tiny_dit(hidden_size=64, num_heads=4, num_classes=4, depth=3,
-                                        long_skip=True, conv_head=True))):
+                                        long_skip=True, conv_head=True)),
+                      ("stem", tiny_dit(hidden_size=64, num_heads=4, num_classes=4, depth=3,
+                                        long_skip=True, conv_stem=8))):
         model = models.create(cfg)
         out[name] = (model, init(model, cfg, batch=8, cond=jnp.zeros(8, jnp.int32)))
     return out
 
 
-@pytest.mark.parametrize("name", ["unet", "dit", "uvit"])
+@pytest.mark.parametrize("name", ["unet", "dit", "uvit", "stem"])
 def test_zero_initialised_output(learner, name):
     model, v = learner[name]
     x = jax.random.normal(jax.random.key(1), (8, 16, 16, 1))
@@ -215,6 +236,8 @@ def test_bfloat16_compute_with_float32_params():
         ("dit", {"ch": 64}, "ch"),  # unknown field for a DiT
         ("dit", {"long_skip": 1}, "long_skip"),
         ("dit", {"conv_head": "yes"}, "conv_head"),
+        ("dit", {"conv_stem": -1}, "conv_stem"),
+        ("dit", {"conv_stem": 16, "conv_head": True}, "conv_head"),
     ],
 )
 def test_create_rejects_bad_fields(name, overrides, field):
@@ -256,7 +279,7 @@ def digit_like_batch(n=8, size=16) -> np.ndarray:
     return np.stack([np.where(m, 1.0, -1.0) for m in masks[:n]])[..., None].astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["unet", "dit", "uvit"])
+@pytest.mark.parametrize("name", ["unet", "dit", "uvit", "stem"])
 def test_overfits_fixed_batch_under_eps_loss(learner, name):
     """A tiny class-conditional network memorises a fixed batch (x0, label, t, eps) of 8 images: eps-MSE falls >= 10x.
 

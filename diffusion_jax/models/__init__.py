@@ -79,6 +79,7 @@ def default_config(name: str = "unet", size: str | None = None) -> ml_collection
         c.dropout = 0.0  # DiT trains without dropout
         c.long_skip = False  # bool; U-ViT long skips: block i's output joins block depth-1-i (Bao et al. 2023)
         c.conv_head = False  # bool; a 3x3 conv on the unpatchified output (U-ViT's final conv)
+        c.conv_stem = 0  # channels of a full-resolution conv stem and head (a ResBlock each, skip between); 0: off
         if size is not None:
             if size not in DIT_SIZES:
                 raise ValueError(f"DiT size must be one of {tuple(DIT_SIZES)}, got {size!r}")
@@ -191,6 +192,9 @@ def validate(config: Any) -> dict:
         for f in ("long_skip", "conv_head"):
             if not isinstance(c[f], bool):
                 raise _err(f, f"must be True or False, got {c[f]!r}")
+        pos_int("conv_stem", 0)
+        if c["conv_stem"] and c["conv_head"]:
+            raise _err("conv_head", "must be False when conv_stem > 0 (the stem's head ends in its own conv)")
         if float(c["mlp_ratio"]) <= 0:
             raise _err("mlp_ratio", f"must be > 0, got {c['mlp_ratio']!r}")
     return c

@@ -19,6 +19,19 @@ Two options from U-ViT (Bao et al. 2023), both off by default:
     conv_head: a 3x3 convolution on the unpatchified output (U-ViT's final conv),
                which smooths the seams between patches.
 
+and a convolutional stem, off by default (conv_stem = C_s > 0 channels):
+
+    stem   = ResBlock(Conv3x3(x) -> C_s, c)                 full resolution   [B, H, W, C_s]
+    tokens = Conv(p x p, stride p)(stem) + position embedding
+    ... the blocks as above; final Dense -> p*p*C_s per token, unpatchified   [B, H, W, C_s]
+    out    = Conv3x3_zero(SiLU(GN(ResBlock(unpatchified + stem, c))))       -> C_out
+
+Early convolutions make ViTs optimise faster and more stably than a linear patch embedding
+(Xiao et al. 2021); the pixel-level skip from stem to head gives the head the fine detail
+that 4x4 patches lose, as the UNet's skips do (simple diffusion's U-ViT keeps convolutions at
+high resolution and transformer blocks at low, Hoogeboom et al. 2023). The ResBlocks are the
+UNet's, conditioned on the same embedding c. conv_head must then be off (the head ends in a conv).
+
 LN is parameter-free (elementwise_affine off), as in the paper; LN followed
 by the modulation is one `ops.adaptive_layer_norm`, attention one
 `ops.self_attention` over the packed qkv projection, and each gated residual
@@ -38,7 +51,8 @@ import numpy as np
 
 from diffusion_jax import ops
 from diffusion_jax.models.embeddings import Embedding
-from diffusion_jax.models.layers import Conv, dense, to_dtype
+from diffusion_jax.models.layers import Conv, GroupNorm, dense, to_dtype
+from diffusion_jax.models.unet import ResBlock
 
 # name -> (hidden_size, depth, num_heads), Table 1 of Peebles & Xie 2023.
 DIT_SIZES = {
@@ -116,6 +130,7 @@ class DiT(nn.Module):
     learn_sigma: bool = False
     long_skip: bool = False
     conv_head: bool = False
+    conv_stem: int = 0
     dtype: Any = "float32"
     interval_input: bool = False
 
@@ -139,7 +154,11 @@ class DiT(nn.Module):
                       self.label_init_std, self.interval_input, name="embed")(t, cond, h)
 
         g = hh // p
-        tokens = Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed")(x.astype(dtype))
+        x = x.astype(dtype)
+        if self.conv_stem:
+            stem = Conv(self.conv_stem, (3, 3), dtype=dtype, name="stem_conv")(x)
+            x = stem = ResBlock(self.conv_stem, dtype=dtype, name="stem_block")(stem, c, train)
+        tokens = Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed")(x)
         tokens = tokens.reshape(b, g * g, d) + jnp.asarray(pos_embed_2d(d, g), dtype)
         skips = []
         half = self.depth // 2 if self.long_skip else 0
@@ -153,9 +172,14 @@ class DiT(nn.Module):
         shift, scale = jnp.split(dense(2 * d, dtype, init_scale=0.0, name="final_adaLN")(nn.silu(c)), 2, axis=-1)
         tokens = ops.adaptive_layer_norm(tokens, shift, scale, epsilon=1e-6)
         out_ch = self.in_channels * (2 if self.learn_sigma else 1)
-        out = dense(p * p * out_ch, dtype, init_scale=0.0, name="final_linear")(tokens)
+        head_ch = self.conv_stem or out_ch
+        out = dense(p * p * head_ch, dtype, init_scale=0.0, name="final_linear")(tokens)
         # unpatchify: [B, g*g, p*p*C] -> [B, g, g, p, p, C] -> [B, g*p, g*p, C]
-        out = out.reshape(b, g, g, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, out_ch)
-        if self.conv_head:
+        out = out.reshape(b, g, g, p, p, head_ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, head_ch)
+        if self.conv_stem:
+            out = ResBlock(self.conv_stem, dtype=dtype, name="head_block")(out + stem, c, train)
+            out = nn.silu(GroupNorm(32, dtype=dtype, name="head_norm")(out))
+            out = Conv(out_ch, (3, 3), init_scale=0.0, dtype=dtype, name="head_conv")(out)
+        elif self.conv_head:
             out = Conv(out_ch, (3, 3), dtype=dtype, name="conv_head")(out)
         return out.astype(jnp.float32)
