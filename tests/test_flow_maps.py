@@ -229,3 +229,18 @@ def test_checkpoints_without_the_new_fields_still_match():
     assert checkpoints.diff_configs(old, current) == []
     changed = dict(current, model=dict(current["model"], interval_input=True))
     assert [c.field for c in checkpoints.diff_configs(old, changed)] == ["model.interval_input"]
+
+
+def test_dit_checkpoints_without_the_new_fields_still_match():
+    """A DiT checkpoint from before long_skip, conv_head and conv_stem (#22) loads; turning one on does not."""
+    from diffusion_jax.train import checkpoints
+    from experiments import mnist_dit
+
+    config = mnist_dit.get_config()
+    config.model.long_skip, config.model.conv_head = False, False
+    current = checkpoints.config_dict(config)
+    new = ("long_skip", "conv_head", "conv_stem")
+    old = dict(current, model={k: v for k, v in current["model"].items() if k not in new})
+    assert set(new) <= set(current["model"]) and checkpoints.diff_configs(old, current) == []
+    changed = dict(current, model=dict(current["model"], conv_stem=16))
+    assert [str(c) for c in checkpoints.diff_configs(old, changed)] == ["model.conv_stem: checkpoint 0 vs config 16"]

@@ -55,9 +55,11 @@ RESUMABLE_FIELDS = (
     "model.label_init_std",  # used at initialisation only
 )
 # Fields added after checkpoints were written without them, with the value their absence meant:
-# absent on one side and this value on the other is no change (the flow-map objectives, #23).
+# absent on one side and this value on the other is no change (the flow-map objectives, #23;
+# the DiT's long skips and convolutions, #22).
 ADDED_FIELDS = {"model.interval_input": False, "diffusion.objective": "denoising",
-                "diffusion.flow.time_scale": 1000.0}
+                "diffusion.flow.time_scale": 1000.0,
+                "model.long_skip": False, "model.conv_head": False, "model.conv_stem": 0}
 OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
 _INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
