@@ -14,8 +14,9 @@ What it reaches (docs/results_mnist.md, 2026-12-03; DPM-Solver++(2M), 20 network
 second seed: 0.984 and 1.88x at w = 0.5. From a fresh clone on the slower 2-core VM (0.33 s per
 step) it took 35.5 minutes; the step runs at 6-7 steps/s on the faster one (an estimated 15
 minutes). Issue #22's goal is 18 minutes. Variants sized for about 14 minutes of steps on the
-slower VM (batch 32, width 96 or 64, depth 4) reached 2.6x at best (width 64, 5,000 steps):
-docs/results_mnist.md, "Half the compute".
+slower VM (batch 32, width 96 or 64, depth 4) reached 2.6x at best (width 64, 5,000 steps),
+and width 64 with a 16-channel conv stem (model.conv_stem) 2.37x in 3,600 steps at lr 2e-3:
+docs/results_mnist.md, "Half the compute" and "A convolutional stem".
 """
 
 from diffusion_jax import models
