@@ -183,15 +183,13 @@ def test_checkpoint_of_an_older_version_compares_the_model_only(tmp_path):
         _resume(tmp_path, config)
 
 
-def test_launch_stops_on_a_changed_optimizer_and_resumes_with_the_flag(tmp_path):
+def test_launch_stops_on_a_changed_optimizer_and_resumes_with_the_flag(tmp_path, env):
     """End to end through launch.py: without the flag one line names the fields; with
-    --allow_config_change the run continues (parameters kept, the new optimiser's state fresh)."""
+    --allow_config_change the run continues (parameters kept, the new optimiser's state fresh).
+    env: tests/conftest.py (cheap compiles, the run's shared compilation cache)."""
     import json
     import subprocess
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     workdir = str(tmp_path / "run")
     base = [sys.executable, "launch.py", "--config", os.path.join(REPO, "experiments", "smoke.py"),
             "--workdir", workdir, "--config.training.checkpoint_every_steps=2"]
