@@ -67,7 +67,7 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # GLOBAL batch (all devices, all hosts); divisible by the device count
     config.training.num_steps = 10_000  # total optimiser updates, >= 1
-    config.training.optimizer = "adam"  # adam | adamw
+    config.training.optimizer = "adam"  # adam | adamw | muon (Dense kernels; AdamW elsewhere)
     config.training.learning_rate = 2e-4  # peak learning rate, > 0
     config.training.lr_schedule = "constant"  # after warm-up: constant | cosine | linear (to 0 at num_steps)
     config.training.warmup_steps = 1000  # linear warm-up from 0, >= 0 steps

@@ -125,6 +125,38 @@ def test_ema_closed_form():
     assert float(ema_decay_at(0, 0.999, False)) == pytest.approx(0.999)
 
 
+def test_muon_orthogonalises_dense_kernels_and_adamw_takes_the_rest():
+    """training.optimizer = "muon": the first update of a Dense kernel W (in, out) is
+    -lr 0.2 sqrt(max(in, out)) O, O ~ U V^T of the gradient's SVD (five Newton-Schulz steps with
+    Jordan's coefficients leave its singular values in about [0.7, 1.2], against a spread of
+    4x in the gradient's); biases, conv kernels and embedding tables take AdamW's first step,
+    of one magnitude in every entry."""
+    import jax
+
+    from diffusion_jax.train.state import make_optimizer, muon_matrices
+
+    config = mnist.get_config()
+    config.training.update(optimizer="muon", learning_rate=1e-2, warmup_steps=0, lr_schedule="constant")
+    config_lib.validate(config)
+    shapes = {"dense": {"kernel": (32, 96), "bias": (96,)}, "conv": {"kernel": (3, 3, 4, 8)},
+              "label_table": {"embedding": (11, 16)}}
+    params = jax.tree.map(np.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 4))
+    grads = jax.tree.map(lambda p: np.asarray(jax.random.normal(next(keys), p.shape)), params)
+    specs = muon_matrices(params)  # Muon for the Dense kernel only
+    assert specs["dense"]["kernel"] is not None and specs["dense"]["bias"] is None
+    assert specs["conv"]["kernel"] is None and specs["label_table"]["embedding"] is None
+    tx, lr = make_optimizer(config.training)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    scale = 1e-2 * 0.2 * np.sqrt(96)
+    s = np.linalg.svd(np.asarray(updates["dense"]["kernel"], np.float64), compute_uv=False) / scale
+    g = np.linalg.svd(grads["dense"]["kernel"].astype(np.float64), compute_uv=False)
+    assert g.max() / g.min() > 3 and 0.6 < s.min() and s.max() < 1.25, (g, s)
+    for u in (updates["dense"]["bias"], updates["conv"]["kernel"], updates["label_table"]["embedding"]):
+        u = np.abs(np.asarray(u))
+        assert u.min() > 1e-3 and np.allclose(u, u.flat[0], rtol=1e-3), (u.min(), u.max())
+
+
 def test_synthetic_processes_split_one_global_batch_and_resume():
     kw = dict(batch_size=8, image_shape=(8, 8, 1), num_classes=3, seed=5)
     whole = SyntheticIterator(**kw)

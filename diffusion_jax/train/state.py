@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "muon")
+MUON_MOMENTUM = 0.95  # Muon's momentum (Jordan et al. 2024)
+MUON_RMS = 0.2  # update RMS of AdamW: its learning rate and weight decay carry over (Liu et al. 2025)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -55,8 +57,24 @@ def make_learning_rate_schedule(training: Any) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def muon_matrices(params: Any) -> Any:
+    """Which leaves Muon updates: the 2-D Dense kernels (x W, W of shape (in, out)), the hidden
+    matrices of Jordan et al. (2024); None elsewhere (biases, norm scales, conv kernels,
+    embedding tables), which AdamW updates."""
+    def spec(path, x):
+        is_kernel = getattr(path[-1], "key", None) == "kernel"
+        return optax.contrib.MuonDimensionNumbers(0, 1) if is_kernel and x.ndim == 2 else None
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
 def make_optimizer(training: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping (if grad_clip_norm > 0) followed by Adam or AdamW."""
+    """Global-norm clipping (if grad_clip_norm > 0) followed by Adam, AdamW or Muon.
+
+    Muon (Jordan et al. 2024): the Nesterov momentum (beta 0.95) of each Dense kernel
+    orthogonalised by 5 Newton-Schulz steps, O ~ U V^T of its SVD U S V^T, scaled to the update
+    RMS of AdamW, 0.2 sqrt(max(in, out)) O (Liu et al. 2025), so one learning rate and decoupled
+    weight decay serve both; every other leaf (`muon_matrices`) takes AdamW with b1, b2, eps.
+    """
     schedule = make_learning_rate_schedule(training)
     if training.optimizer == "adam":
         opt = optax.adam(schedule, b1=training.b1, b2=training.b2, eps=training.eps)
@@ -64,6 +82,12 @@ def make_optimizer(training: Any) -> tuple[optax.GradientTransformation, optax.S
         opt = optax.adamw(
             schedule, b1=training.b1, b2=training.b2, eps=training.eps,
             weight_decay=training.weight_decay,
+        )
+    elif training.optimizer == "muon":
+        opt = optax.contrib.muon(
+            schedule, beta=MUON_MOMENTUM, eps=training.eps, weight_decay=training.weight_decay,
+            adam_b1=training.b1, adam_b2=training.b2, adam_weight_decay=training.weight_decay,
+            muon_weight_dimension_numbers=muon_matrices, consistent_rms=MUON_RMS,
         )
     else:
         raise ValueError(
