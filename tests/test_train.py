@@ -48,7 +48,7 @@ BAD = [
     ("sample.method", "rk45", "config.sample.method must be one of"),  # euler is a sampler now
     ("diffusion.prediction", "noise", "config.diffusion.prediction must be one of ('eps', 'x0', 'v', 'score')"),
     ("diffusion.loss_weighting", "snr", "config.diffusion.loss_weighting must be one of"),
-    ("training.optimizer", "sgd", "config.training.optimizer must be one of ('adam', 'adamw')"),
+    ("training.optimizer", "sgd", "config.training.optimizer must be one of ('adam', 'adamw', 'muon')"),
     ("training.learning_rate", -1.0, "config.training.learning_rate must be a number with 0 < learning_rate"),
     ("training.ema_decay", 1.5, "config.training.ema_decay must be a number with 0 <= ema_decay < 1"),
     ("training.cond_drop_prob", 2.0, "config.training.cond_drop_prob"),
