@@ -237,7 +237,7 @@ def test_dit_checkpoints_without_the_new_fields_still_match():
     from experiments import mnist_dit
 
     config = mnist_dit.get_config()
-    config.model.long_skip, config.model.conv_head = False, False
+    config.model.long_skip, config.model.conv_head, config.model.conv_stem = False, False, 0
     current = checkpoints.config_dict(config)
     new = ("long_skip", "conv_head", "conv_stem")
     old = dict(current, model={k: v for k, v in current["model"].items() if k not in new})
