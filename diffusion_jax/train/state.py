@@ -73,7 +73,8 @@ def make_optimizer(training: Any) -> tuple[optax.GradientTransformation, optax.S
     Muon (Jordan et al. 2024): the Nesterov momentum (beta 0.95) of each Dense kernel
     orthogonalised by 5 Newton-Schulz steps, O ~ U V^T of its SVD U S V^T, scaled to the update
     RMS of AdamW, 0.2 sqrt(max(in, out)) O (Liu et al. 2025), so one learning rate and decoupled
-    weight decay serve both; every other leaf (`muon_matrices`) takes AdamW with b1, b2, eps.
+    weight decay serve both; every other leaf (`muon_matrices`) takes AdamW with b1, b2, eps and
+    Nesterov momentum (optax's Muon: its first step is 1.47 lr per entry at b1 = 0.9, not lr).
     """
     schedule = make_learning_rate_schedule(training)
     if training.optimizer == "adam":
