@@ -11,8 +11,9 @@ for the rest (training.optimizer = "muon"; Jordan et al. 2024, Liu et al. 2025),
 What it reaches (docs/results_mnist.md, "Muon", 2026-12-04; DPM-Solver++(2M), 20 network
 calls, N = 1,000, the project's classifier, floor FD 0.347): 3,600 steps, conditional accuracy
 0.992 and classifier-FD 0.582 = 1.68x the train-vs-test floor at w = 0.5, in 26 minutes on the
-project's slower 2-core VM (~0.42 s/step). With AdamW the same network reached 2.37x; the width-
-128 AdamW recipe before it 1.96x in 5,600 steps (35 minutes). Issue #22 asks for 18 minutes:
+project's slower 2-core VM (~0.42 s/step). With AdamW the same network reached 2.37x at the
+same steps (Muon's step costs 1.2-1.4x AdamW's here); the width-128 AdamW recipe before it
+1.96x in 5,600 steps (35 minutes). Issue #22 asks for 18 minutes:
 --config.training.num_steps=2000 trained in 14 min 42 s from a fresh clone and reached 2.95x at
 w = 0.75 (3.5x at 0.5), so the DiT's time goal is not met on this VM.
 """
