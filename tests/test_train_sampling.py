@@ -58,8 +58,10 @@ def test_guidance_interval_guides_only_inside_it():
     config = smoke.get_config()  # ddpm, linear betas, T = num_timesteps
     config.sample.guidance_interval = (0.5, 2.0)
     model = models.create(config.model)
-    params = jax.jit(lambda k: model.init({"params": k}, *dummy_inputs(config.model), train=False))(
-        jax.random.PRNGKey(0))["params"]  # jit: one compile, not one per eager op
+    from models_support import jit  # one cheap compile per call, not one per eager op
+
+    params = jit(lambda k: model.init({"params": k}, *dummy_inputs(config.model), train=False))(
+        jax.random.PRNGKey(0))["params"]
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
     T = int(config.diffusion.num_timesteps)
     kw = config.diffusion.schedule_kwargs
@@ -72,8 +74,8 @@ def test_guidance_interval_guides_only_inside_it():
     b, w = len(t), 2.0
     x = jax.random.normal(jax.random.PRNGKey(2), (b, 8, 8, 1))
     labels = np.asarray([0, 1, 2, 1, 0], np.int32)
-    out = jax.jit(lambda p, x, t: sampling.make_denoiser(config, p, labels, w)(x, t).out)(params, x, t)
-    apply = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+    out = jit(lambda p, x, t: sampling.make_denoiser(config, p, labels, w)(x, t).out)(params, x, t)
+    apply = jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
     cond, null = apply(params, x, t, labels), apply(params, x, t, models.null_cond(config.model, b))
     want = np.where(inside[:, None, None, None], (1 + w) * cond - w * null, cond)
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
