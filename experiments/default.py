@@ -69,6 +69,7 @@ def get_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.training.num_steps = 10_000  # total optimiser updates, >= 1
     config.training.optimizer = "adam"  # adam | adamw | muon (Dense kernels; AdamW elsewhere)
     config.training.learning_rate = 2e-4  # peak learning rate, > 0
+    config.training.muon_lr_scale = 1.0  # muon: the Dense kernels' rate is this x learning_rate (> 0)
     config.training.lr_schedule = "constant"  # after warm-up: constant | cosine | linear (to 0 at num_steps)
     config.training.warmup_steps = 1000  # linear warm-up from 0, >= 0 steps
     config.training.b1 = 0.9  # Adam beta1 in [0, 1)

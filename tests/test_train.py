@@ -50,6 +50,7 @@ BAD = [
     ("diffusion.loss_weighting", "snr", "config.diffusion.loss_weighting must be one of"),
     ("training.optimizer", "sgd", "config.training.optimizer must be one of ('adam', 'adamw', 'muon')"),
     ("training.learning_rate", -1.0, "config.training.learning_rate must be a number with 0 < learning_rate"),
+    ("training.muon_lr_scale", 0.0, "config.training.muon_lr_scale must be a number with 0 < muon_lr_scale"),
     ("training.ema_decay", 1.5, "config.training.ema_decay must be a number with 0 <= ema_decay < 1"),
     ("training.cond_drop_prob", 2.0, "config.training.cond_drop_prob"),
     ("training.num_steps", 0, "config.training.num_steps must be an integer with 1 <= num_steps"),
@@ -125,18 +126,20 @@ def test_ema_closed_form():
     assert float(ema_decay_at(0, 0.999, False)) == pytest.approx(0.999)
 
 
-def test_muon_orthogonalises_dense_kernels_and_adamw_takes_the_rest():
+@pytest.mark.parametrize("muon_lr_scale", [1.0, 2.5])
+def test_muon_orthogonalises_dense_kernels_and_adamw_takes_the_rest(muon_lr_scale):
     """training.optimizer = "muon": the first update of a Dense kernel W (in, out) is
-    -lr 0.2 sqrt(max(in, out)) O, O ~ U V^T of the gradient's SVD (five Newton-Schulz steps with
+    -k lr 0.2 sqrt(max(in, out)) O (k = muon_lr_scale), O ~ U V^T of the gradient's SVD (five Newton-Schulz steps with
     Jordan's coefficients leave its singular values in about [0.7, 1.2], against a spread of
     4x in the gradient's); biases, conv kernels and embedding tables take (Nesterov) AdamW's
-    first step, one magnitude in every entry."""
+    first step at lr, not k lr, one magnitude in every entry."""
     import jax
 
     from diffusion_jax.train.state import make_optimizer, muon_matrices
 
     config = mnist.get_config()
-    config.training.update(optimizer="muon", learning_rate=1e-2, warmup_steps=0, lr_schedule="constant")
+    config.training.update(optimizer="muon", learning_rate=1e-2, warmup_steps=0, lr_schedule="constant",
+                           muon_lr_scale=muon_lr_scale)
     config_lib.validate(config)
     shapes = {"dense": {"kernel": (32, 96), "bias": (96,)}, "conv": {"kernel": (3, 3, 4, 8)},
               "label_table": {"embedding": (11, 16)}}
@@ -148,7 +151,7 @@ def test_muon_orthogonalises_dense_kernels_and_adamw_takes_the_rest():
     assert specs["conv"]["kernel"] is None and specs["label_table"]["embedding"] is None
     tx, lr = make_optimizer(config.training)
     updates, _ = tx.update(grads, tx.init(params), params)
-    scale = 1e-2 * 0.2 * np.sqrt(96)
+    scale = muon_lr_scale * 1e-2 * 0.2 * np.sqrt(96)
     s = np.linalg.svd(np.asarray(updates["dense"]["kernel"], np.float64), compute_uv=False) / scale
     g = np.linalg.svd(grads["dense"]["kernel"].astype(np.float64), compute_uv=False)
     assert g.max() / g.min() > 3 and 0.6 < s.min() and s.max() < 1.25, (g, s)

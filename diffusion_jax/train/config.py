@@ -114,6 +114,7 @@ def validate(config: Any, *, num_devices: int = 1, process_count: int = 1, train
     _in_range(config, t + "num_steps", 1, None, integer=True)
     _one_of(config, t + "optimizer", OPTIMIZERS)
     _in_range(config, t + "learning_rate", 0, None, lo_open=True)
+    _in_range(config, t + "muon_lr_scale", 0, None, lo_open=True)
     _one_of(config, t + "lr_schedule", LR_SCHEDULES)
     _in_range(config, t + "warmup_steps", 0, None, integer=True)
     _in_range(config, t + "b1", 0, 1, hi_open=True)

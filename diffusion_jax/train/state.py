@@ -75,6 +75,7 @@ def make_optimizer(training: Any) -> tuple[optax.GradientTransformation, optax.S
     RMS of AdamW, 0.2 sqrt(max(in, out)) O (Liu et al. 2025), so one learning rate and decoupled
     weight decay serve both; every other leaf (`muon_matrices`) takes AdamW with b1, b2, eps and
     Nesterov momentum (optax's Muon: its first step is 1.47 lr per entry at b1 = 0.9, not lr).
+    `muon_lr_scale` multiplies the Muon leaves' learning rate only (the AdamW leaves keep lr).
     """
     schedule = make_learning_rate_schedule(training)
     if training.optimizer == "adam":
@@ -85,8 +86,9 @@ def make_optimizer(training: Any) -> tuple[optax.GradientTransformation, optax.S
             weight_decay=training.weight_decay,
         )
     elif training.optimizer == "muon":
+        scale = float(training.muon_lr_scale)
         opt = optax.contrib.muon(
-            schedule, beta=MUON_MOMENTUM, eps=training.eps, weight_decay=training.weight_decay,
+            lambda step: scale * schedule(step), adam_learning_rate=schedule, beta=MUON_MOMENTUM, eps=training.eps, weight_decay=training.weight_decay,
             adam_b1=training.b1, adam_b2=training.b2, adam_weight_decay=training.weight_decay,
             muon_weight_dimension_numbers=muon_matrices, consistent_rms=MUON_RMS,
         )
