@@ -52,8 +52,8 @@ def get_config():
     t.muon_lr_scale = 2.0  # the Dense kernels at 4e-3: at 2,000 steps 2.95x -> 2.65x (4x: 3.2x; h1, h2)
     t.lr_schedule = "cosine"
     t.warmup_steps = 300
-    t.num_steps = 3600  # 26 min on the slower 2-core VM; 2,000 (14 min 42 s from a fresh clone): 2.95x at w = 0.75
-    t.sample_every_steps = 1800  # a grid half-way and at the end
+    t.num_steps = 2600  # 2,700: 16 min 21 s from a fresh clone, 1.89x at w = 0.625; 3,600: 21-26 min, 1.66x
+    t.sample_every_steps = 2600  # the last step only: each grid compiles and runs the sampler
 
-    config.sample.guidance_scale = 0.5  # best classifier-FD of w in {0.375, 0.5, 0.75, 1} (g1, g3)
+    config.sample.guidance_scale = 0.625  # best classifier-FD of w in {0.5, 0.625, 0.75, 1} at 2,700 steps
     return config
