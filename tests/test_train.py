@@ -129,9 +129,9 @@ def test_ema_closed_form():
 @pytest.mark.parametrize("muon_lr_scale", [1.0, 2.5])
 def test_muon_orthogonalises_dense_kernels_and_adamw_takes_the_rest(muon_lr_scale):
     """training.optimizer = "muon": the first update of a Dense kernel W (in, out) is
-    -k lr 0.2 sqrt(max(in, out)) O (k = muon_lr_scale), O ~ U V^T of the gradient's SVD (five Newton-Schulz steps with
-    Jordan's coefficients leave its singular values in about [0.7, 1.2], against a spread of
-    4x in the gradient's); biases, conv kernels and embedding tables take (Nesterov) AdamW's
+    -k lr 0.2 sqrt(max(in, out)) O (k = muon_lr_scale), O ~ U V^T of the gradient's SVD (five
+    Newton-Schulz steps with Jordan's coefficients leave its singular values in about
+    [0.7, 1.2], against a spread of 4x in the gradient's); biases, conv kernels and embedding tables take (Nesterov) AdamW's
     first step at lr, not k lr, one magnitude in every entry."""
     import jax
 

@@ -103,6 +103,35 @@ def test_changed_field_stops_resume_with_one_line(workdir, field, value):
     assert "--allow_config_change" in text
 
 
+@pytest.mark.parametrize("field", sorted(checkpoints.ADDED_FIELDS))
+def test_a_checkpoint_older_than_an_added_field_resumes_at_its_default(field):
+    """A field added to the code after a checkpoint was written is absent from its saved
+    config; it compares as ADDED_FIELDS' stand-in, which must be the default config's value
+    (else every older run would stop on resume), and a non-default value is still a change."""
+    from experiments import default
+
+    section = field.split(".")[0]
+    for name in ("unet", "dit"):
+        config = default.get_config(name)
+        current = checkpoints._flatten(checkpoints.config_dict(config))
+        if field not in current:
+            continue
+        assert current[field] == checkpoints.ADDED_FIELDS[field], (name, field)
+        saved = checkpoints.config_dict(config)
+        node = saved
+        for part in field.split(".")[:-1]:
+            node = node[part]
+        del node[field.split(".")[-1]]
+        assert section in saved and checkpoints.diff_configs(saved, checkpoints.config_dict(config)) == []
+        other = not current[field] if isinstance(current[field], bool) else (
+            current[field] + "_other" if isinstance(current[field], str) else current[field] + 1)
+        _set(config, field, other)
+        flat = checkpoints._flatten(checkpoints.config_dict(config))
+        unused = checkpoints._resumable(field, flat, flat)  # e.g. diffusion.flow.* when the process is ddpm
+        changed = [c.field for c in checkpoints.diff_configs(saved, checkpoints.config_dict(config))]
+        assert changed == ([] if unused else [field]), (name, field, changed)
+
+
 def test_field_removed_from_config_is_a_change(workdir):
     config = smoke.get_config()
     with config.unlocked():

@@ -59,7 +59,8 @@ RESUMABLE_FIELDS = (
 # the DiT's long skips and convolutions, #22).
 ADDED_FIELDS = {"model.interval_input": False, "diffusion.objective": "denoising",
                 "diffusion.flow.time_scale": 1000.0,
-                "model.long_skip": False, "model.conv_head": False, "model.conv_stem": 0}
+                "model.long_skip": False, "model.conv_head": False, "model.conv_stem": 0,
+                "training.muon_lr_scale": 1.0}
 OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
 _INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 

@@ -88,7 +88,8 @@ def make_optimizer(training: Any) -> tuple[optax.GradientTransformation, optax.S
     elif training.optimizer == "muon":
         scale = float(training.muon_lr_scale)
         opt = optax.contrib.muon(
-            lambda step: scale * schedule(step), adam_learning_rate=schedule, beta=MUON_MOMENTUM, eps=training.eps, weight_decay=training.weight_decay,
+            lambda step: scale * schedule(step), adam_learning_rate=schedule, beta=MUON_MOMENTUM,
+            eps=training.eps, weight_decay=training.weight_decay,
             adam_b1=training.b1, adam_b2=training.b2, adam_weight_decay=training.weight_decay,
             muon_weight_dimension_numbers=muon_matrices, consistent_rms=MUON_RMS,
         )
