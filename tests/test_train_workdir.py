@@ -75,3 +75,52 @@ def test_second_trainer_in_a_busy_workdir_stops_before_any_work(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _smoke_train_with(monkeypatch, tmp_path, prepare):
+    """loop.train of the smoke config (2 steps) with `prepare(real_prepare, data_started)` as ops.prepare."""
+    import threading
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import smoke
+
+    from diffusion_jax import ops
+    from diffusion_jax.train import loop
+
+    data_started = threading.Event()
+    real_iterator, real_prepare = loop.make_train_iterator, ops.prepare
+
+    def iterator(config):
+        data_started.set()
+        return real_iterator(config)
+
+    monkeypatch.setattr(loop, "make_train_iterator", iterator)
+    monkeypatch.setattr(ops, "prepare", lambda *a, **k: prepare(real_prepare, data_started))
+    config = smoke.get_config()
+    config.training.num_steps = 2
+    return loop.train(config, str(tmp_path))
+
+
+def test_the_kernels_are_chosen_while_the_data_is_prepared(monkeypatch, tmp_path):
+    """On a fresh machine the kernel build (a compiler) and the data preparation (a download and
+    tfds' writer) overlap: ops.prepare waits here until the data iterator is being made, which
+    deadlocks into the timeout if the trainer ran them one after the other."""
+    seen = []
+
+    def prepare(real_prepare, data_started):
+        if not data_started.wait(timeout=20):
+            raise AssertionError("the data iterator was not started while the kernels were being chosen")
+        seen.append(real_prepare())
+        return seen[-1]
+
+    state = _smoke_train_with(monkeypatch, tmp_path, prepare)
+    assert int(state.step) == 2 and seen == ["fast"]  # conftest: DIFFUSION_JAX_OPS=fast
+
+
+def test_a_failure_choosing_the_kernels_stops_the_run_before_any_step(monkeypatch, tmp_path):
+    def prepare(real_prepare, data_started):
+        raise ValueError("DIFFUSION_JAX_OPS / ops mode must be one of ('auto', ...), got 'bogus'")
+
+    with pytest.raises(ValueError, match="got 'bogus'"):
+        _smoke_train_with(monkeypatch, tmp_path, prepare)
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
