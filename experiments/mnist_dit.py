@@ -3,20 +3,18 @@
 Patches of 4x4 pixels (49 tokens), width 64, 6 adaLN-Zero blocks, with U-ViT's long skips
 (block i feeds block 5-i; Bao et al. 2023) and a 16-channel convolutional stem (one UNet
 ResBlock at full resolution before the patches and one after the unpatchified output);
-EDM preconditioning as experiments/mnist.py, with the noise levels of EDM2's ImageNet-64
-preset, ln sigma ~ N(-0.8, 1.6^2) (Karras et al. 2024); Muon for the Dense kernels and AdamW
-for the rest (training.optimizer = "muon"; Jordan et al. 2024, Liu et al. 2025), lr 2e-3
-(the Dense kernels at twice that, training.muon_lr_scale = 2) with 300 warm-up steps and a
-cosine decay over 2,600 steps, no weight decay; guidance w = 0.625.
+EDM preconditioning as experiments/mnist.py, with the training noise levels ln sigma ~ N(0, 1.2^2)
+(EDM's spread, its mean moved from -1.2 to 0: more training at high noise); Muon for the Dense
+kernels and AdamW for the rest (training.optimizer = "muon"; Jordan et al. 2024, Liu et al.
+2025), lr 2e-3 (the Dense kernels at twice that, training.muon_lr_scale = 2) with 300 warm-up
+steps and a cosine decay over 2,300 steps, no weight decay; guidance w = 0.5.
 
-What it reaches (docs/results_mnist.md, "Muon's own learning rate and 2,600 steps",
-2026-12-04; DPM-Solver++(2M), 20 network calls, N = 1,000, the project's classifier, floor FD
-0.347): from a fresh clone on the project's 2-core AMD EPYC VM, MNIST preparation and kernel
-build included, 16 min 18 s wall, conditional accuracy 0.991 and classifier-FD 0.692 = 1.99x the train-vs-test floor. So issue
-#22's 18 minutes hold with 9% to spare, not the 10% asked, and the 2x bound holds at the edge.
---config.training.num_steps=3600 (21-26 min here): 1.66x, accuracy 0.987 at w = 0.5. With
-AdamW the network reached 2.37x at 3,600 steps; the width-128 AdamW recipe before it 1.96x in
-5,600 steps (35 minutes).
+What it reaches (docs/results_mnist.md, "Noise levels centred on sigma = 1", 2026-12-04;
+DPM-Solver++(2M), 20 network calls, N = 1,000, the project's classifier): classifier-FD 0.419 =
+1.32x the train-vs-test floor of 0.318, conditional accuracy 0.994, trained in about 11 minutes
+beside a second training on the AVX-512 2-core AMD EPYC VM. With EDM2's ImageNet-64 levels
+N(-0.8, 1.6^2) the same 2,300 steps gave 1.99x, and 2,600 steps took 16 min 18 s from a fresh
+clone on the slower AVX2 VM (1.99x there by the classifier of 2026-12-03).
 """
 
 from diffusion_jax import models
@@ -41,10 +39,11 @@ def get_config():
     m.conv_head = False  # the stem's output block replaces the 3x3 head
     m.label_init_std = 1.0  # as experiments/mnist.py: the class is learned early
 
-    # EDM2's ImageNet-64 noise levels; EDM's (-1.2, 1.2) gave 2.2x at best (w = 0.75), these 1.96x
-    # (w = 0.5) in the same run pair (docs/results_mnist.md, d2 and d3)
-    config.diffusion.edm.p_mean = -0.8
-    config.diffusion.edm.p_std = 1.6
+    # ln sigma ~ N(0, 1.2^2): more of the training at high noise, where the layout of the digit is
+    # decided. At 2,300 steps: EDM2's ImageNet-64 N(-0.8, 1.6^2) 1.99x the floor, N(-0.4, 1.6^2) 1.87x,
+    # N(0, 1.6^2) 1.61x, N(0, 1.2^2) 1.32x, N(0, 0.9^2) 1.30x, N(0.3, 1.2^2) 1.52x (docs/results_mnist.md)
+    config.diffusion.edm.p_mean = 0.0
+    config.diffusion.edm.p_std = 1.2
 
     t = config.training
     t.optimizer = "muon"  # Dense kernels orthogonalised, AdamW elsewhere: 2.37x -> 1.68x at 3,600 steps (g1, g3)
@@ -53,8 +52,8 @@ def get_config():
     t.muon_lr_scale = 2.0  # the Dense kernels at 4e-3: at 2,000 steps 2.95x -> 2.65x (4x: 3.2x; h1, h2)
     t.lr_schedule = "cosine"
     t.warmup_steps = 300
-    t.num_steps = 2600  # 2,700: 16 min 21 s from a fresh clone, 1.89x at w = 0.625; 3,600: 21-26 min, 1.66x
-    t.sample_every_steps = 2600  # the last step only: each grid compiles and runs the sampler
+    t.num_steps = 2300  # ~0.35 s/step on the slower (AVX2) 2-core VM, ~0.17 s on the AVX-512 one
+    t.sample_every_steps = 2300  # the last step only: each grid compiles and runs the sampler
 
-    config.sample.guidance_scale = 0.625  # best classifier-FD of w in {0.5, 0.625, 0.75, 1} at 2,700 steps
+    config.sample.guidance_scale = 0.5  # best classifier-FD of w in {0.375, 0.5, 0.625, 0.75} at 2,300 steps
     return config
