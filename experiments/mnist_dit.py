@@ -10,11 +10,11 @@ kernels and AdamW for the rest (training.optimizer = "muon"; Jordan et al. 2024,
 steps and a cosine decay over 2,300 steps, no weight decay; guidance w = 0.5.
 
 What it reaches (docs/results_mnist.md, "Noise levels centred on sigma = 1", 2026-12-04;
-DPM-Solver++(2M), 20 network calls, N = 1,000, the project's classifier): classifier-FD 0.419 =
-1.32x the train-vs-test floor of 0.318, conditional accuracy 0.994, trained in about 11 minutes
-beside a second training on the AVX-512 2-core AMD EPYC VM. With EDM2's ImageNet-64 levels
-N(-0.8, 1.6^2) the same 2,300 steps gave 1.99x, and 2,600 steps took 16 min 18 s from a fresh
-clone on the slower AVX2 VM (1.99x there by the classifier of 2026-12-03).
+DPM-Solver++(2M), 20 network calls, N = 1,000, the project's classifier): from a fresh clone,
+MNIST preparation and kernel build included, 7 min 5 s wall on the AVX-512 2-core AMD EPYC VM
+(an estimated 14.3 minutes on the slower AVX2 one), conditional accuracy 0.994 and
+classifier-FD 0.419 = 1.32x the train-vs-test floor of 0.318. With EDM2's ImageNet-64 levels
+N(-0.8, 1.6^2) the same 2,300 steps gave 1.99x.
 """
 
 from diffusion_jax import models
