@@ -1,5 +1,6 @@
 """One trainer per workdir: a live holder's lock stops a second trainer with
-its pid and host; a lock of a dead process on this host is taken over."""
+its pid and host; a lock of a dead process on this host is taken over. The
+trainer's start-up: kernels chosen while the data is prepared, their error stops the run."""
 
 import json
 import os

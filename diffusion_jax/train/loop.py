@@ -161,20 +161,17 @@ def _train(config, workdir, step_callback, allow_config_change, stop) -> TrainSt
     model = models.create(config.model)
     process = sampling.make_process(config)
     tx, lr_schedule = make_optimizer(tc)
-    # The kernels (a C++ compiler in a subprocess on a fresh machine) build while this thread
-    # prepares the data (a download and tfds' writer on a fresh machine); nothing is traced
-    # before both are done, so every trace sees the chosen kernels.
-    kernels = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ops-prepare")
-    chosen = kernels.submit(ops.prepare)  # chooses, builds and logs the kernels once
 
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpointing)
     writer = bar = data_iter = None
     try:
-        try:
+        # The kernels (a C++ compiler in a subprocess on a fresh machine) build while this thread
+        # prepares the data (a download and tfds' writer on a fresh machine); nothing is traced
+        # before both are done, so every trace sees the chosen kernels.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ops-prepare") as pool:
+            chosen = pool.submit(ops.prepare)  # chooses, builds and logs the kernels once
             data_iter = make_train_iterator(config)
-        finally:
-            kernels.shutdown(wait=True)
         chosen.result()  # the kernels' own error, if choosing them failed
         key = jax.random.PRNGKey(config.seed)
         init_key, step_key, sample_key = (parallel.replicate_array(mesh, k) for k in jax.random.split(key, 3))
