@@ -21,6 +21,11 @@ Two objectives learn u from the network itself, without solving the ODE:
               the adaptive weight of eq. 11-12, ||.||^2 summed over the data dimensions as in the
               official code. (t, r): two draws of the process's t (`Flow.t_sampling`; the paper's
               logit-normal), t the larger; r = t (flow matching) on all but a fraction `ratio`.
+              tangent "predicted" (improved MeanFlow, Geng et al. 2025b, sec. 3): the JVP's
+              x-tangent is the network's own velocity sg(u(x_t, t, t)), an estimate of the marginal
+              v(x_t, t), instead of the conditional eps - x0, whose noise the Jacobian would carry
+              into the target; the loss is then the same as a regression of
+              u + (t - r) sg(du/dt) on eps - x0, the iMF "v-loss".
     shortcut  The flow map's semigroup property, one step of size d is two of d / 2 (Frans et al.
               2024, eq. 5, written for this direction of time):
                   u(x_t, t - d, t) = (u(x_t, t - d/2, t) + u(x', t - d, t - d/2)) / 2,
@@ -98,11 +103,12 @@ def guided_velocity(v, x_t, t, cond, null, drop, target_net, omega: float, kappa
     return jnp.where(_bcast(drop, v.ndim), v, jax.lax.stop_gradient(g))
 
 
-def meanflow_target(u_fn, x_t, t, r, v):
+def meanflow_target(u_fn, x_t, t, r, v, tangent=None):
     """u_tgt = v - (t - r) du/dt, du/dt = jax.jvp of u_fn(x, t, r) at (x_t, t, r) with tangent
-    (v, 1, 0): the MeanFlow identity's right side (Geng et al. 2025, eq. 8), exactly u(x_t, r, t)
-    when u_fn is the flow's average velocity and v its velocity."""
-    _, du_dt = jax.jvp(u_fn, (x_t, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))
+    (v', 1, 0), v' = `tangent` (default v): the MeanFlow identity's right side (Geng et al. 2025,
+    eq. 8), exactly u(x_t, r, t) when u_fn is the flow's average velocity and v = v' its velocity."""
+    tangent = v if tangent is None else tangent
+    _, du_dt = jax.jvp(u_fn, (x_t, t, r), (tangent, jnp.ones_like(t), jnp.zeros_like(r)))
     return v - _bcast(t - r, x_t.ndim) * du_dt
 
 
@@ -155,6 +161,7 @@ class MeanFlow(_FlowMapObjective):
     ablation optimum (ratio 0.25 of r != t, p = 1) and the official code's c = 0.01."""
 
     ratio: float = 0.25  # fraction of the batch with r != t (the rest: r = t, flow matching), [0, 1]
+    tangent: str = "conditional"  # x-tangent of the JVP: conditional (eps - x0, MeanFlow) | predicted (u(x_t, t, t), iMF)
     norm_p: float = 1.0  # power p of the adaptive weight 1 / sg(||u - u_tgt||^2 + c)^p, >= 0 (0 = plain squared error)
     norm_eps: float = 0.01  # c > 0 of the adaptive weight
 
@@ -163,6 +170,8 @@ class MeanFlow(_FlowMapObjective):
     def __post_init__(self):
         super().__post_init__()
         _number("ratio", self.ratio, 0.0, 1.0)
+        if self.tangent not in ("conditional", "predicted"):
+            raise ValueError(f"tangent must be one of ('conditional', 'predicted'), got {self.tangent!r}")
         _number("norm_p", self.norm_p, 0.0, None)
         _number("norm_eps", self.norm_eps, 0.0, None, lo_open=True)
 
@@ -186,10 +195,13 @@ class MeanFlow(_FlowMapObjective):
         u_tgt = v  # where r = t
         if n < b:  # the JVP only where t - r is not 0
             c = None if cond is None else cond[n:]
+            v_n = v[n:]
+            if self.tangent == "predicted":  # the network's own velocity: its marginal estimate (iMF)
+                v_n = jax.lax.stop_gradient(target_net(x_t[n:], t[n:], t[n:], c))
             # the fast and native kernels (diffusion_jax.ops) define VJPs only: trace the JVP with the reference ones
             with ops.forced("reference"):
                 u_tgt = u_tgt.at[n:].set(meanflow_target(lambda x, tt, rr: target_net(x, tt, rr, c),
-                                                         x_t[n:], t[n:], r[n:], v[n:]))
+                                                         x_t[n:], t[n:], r[n:], v[n:], v_n))
         u_tgt = jax.lax.stop_gradient(u_tgt)
         sq = _sum_flat((u - u_tgt) ** 2)
         weight = jax.lax.stop_gradient(1.0 / (sq + self.norm_eps) ** self.norm_p)

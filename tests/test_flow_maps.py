@@ -56,6 +56,24 @@ def test_meanflow_target_from_the_exact_velocity_is_the_exact_average_velocity()
         np.testing.assert_allclose(target(x, t, t), exact_v(x, t, np), rtol=1e-10, atol=1e-12)
 
 
+def test_meanflow_target_with_the_predicted_tangent_regresses_the_conditional_velocity():
+    """iMF's form (Geng et al. 2025b): the JVP's x-tangent is the marginal velocity (here the exact
+    one, standing for the network's u(x_t, t, t)) while v in front stays the conditional eps - x0.
+    Then u_tgt = u(x_t, r, t) + (v_c - v(x_t, t)): the exact average velocity plus the zero-mean
+    noise of the flow-matching target, the JVP term free of that noise; with v_c as the tangent
+    (MeanFlow) the target differs by (t - r) d_x u (v_c - v) besides."""
+    x, t, r = (np.asarray(a, np.float64) for a in _points())
+    v_c = np.asarray(jax.random.normal(jax.random.PRNGKey(7), x.shape), np.float64)
+    u_fn = lambda x, t, r: exact_u(x, t, r)  # noqa: E731
+    with jax.enable_x64(True):
+        predicted = flow_maps.meanflow_target(u_fn, x, t, r, jnp.asarray(v_c), exact_v(jnp.asarray(x), jnp.asarray(t)))
+        conditional = flow_maps.meanflow_target(u_fn, x, t, r, jnp.asarray(v_c))
+    np.testing.assert_allclose(predicted, exact_u(x, t, r, np) + v_c - exact_v(x, t, np), rtol=1e-10, atol=1e-12)
+    # the Gaussian flow's d_x u is the scalar (1 - sd_r / sd_t) / (t - r): the MeanFlow target's extra term
+    scale = (1 - _sd(r, np) / _sd(t, np))[:, None]
+    np.testing.assert_allclose(conditional - predicted, -scale * (v_c - exact_v(x, t, np)), rtol=1e-9, atol=1e-12)
+
+
 def test_meanflow_jvp_matches_a_float64_finite_difference():
     """du/dt of the JVP with tangent (v, 1, 0) in (x, t, r) against the central difference of
     u(x + e v, t + e, r) in float64."""

@@ -60,7 +60,7 @@ RESUMABLE_FIELDS = (
 ADDED_FIELDS = {"model.interval_input": False, "diffusion.objective": "denoising",
                 "diffusion.flow.time_scale": 1000.0,
                 "model.long_skip": False, "model.conv_head": False, "model.conv_stem": 0,
-                "training.muon_lr_scale": 1.0}
+                "training.muon_lr_scale": 1.0, "diffusion.meanflow.tangent": "conditional"}
 OVERRIDE = "--allow_config_change (train(..., allow_config_change=True))"
 _INTERRUPTED_SAVE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
