@@ -3,23 +3,24 @@ process x_t = (1 - t) x0 + t eps, trained from scratch (issue #23).
 
 The UNet of experiments/mnist.py (0.72M parameters) with a second time input, the interval
 h = t - r (model.interval_input), learns the average velocity u(x_t, r, t) over [r, t]
-(diffusion_jax/flow_maps.py): u_tgt = v - (t - r) du/dt by a JVP on a quarter of each batch,
-flow matching (r = t) on the rest, (t, r) from two logit-normal draws (-0.4, 1.0), the
-adaptive weight 1 / (||du||^2 + 0.01) (p = 1): the paper's ImageNet settings; t and t - r
-enter the network unscaled (flow.time_scale = 1). Guidance is trained into the target
-(omega = 1.5, the w = 0.5 of experiments/mnist.py's sampler until 2026-12-03), so a guided
-sample costs one network call: `--mode sample` draws x0 = x_1 - u(x_1, 0, 1)
-(sampler "meanflow", 1 step); `--config.sample.num_steps=2` (or 4) for 2 (4) calls.
+(diffusion_jax/flow_maps.py): u_tgt = v - (t - r) du/dt by a JVP on a quarter of each batch
+(the paper's ImageNet ratio), flow matching (r = t) on the rest, with two changes from the
+paper's ImageNet settings: the JVP's x-tangent is the network's own velocity u(x_t, t, t)
+(improved MeanFlow, Geng et al. 2025b) and (t, r) are two uniform draws, not logit-normal
+(-0.4, 1.0) ones, so that one call's interval [0, 1] is trained. Adaptive weight
+1 / (||du||^2 + 0.01) (p = 1); t and t - r enter the network unscaled (flow.time_scale = 1).
+Guidance is trained into the target (omega = 1.5), so a guided sample costs one network call:
+`--mode sample` draws x0 = x_1 - u(x_1, 0, 1) (sampler "meanflow", 1 step);
+`--config.sample.num_steps=2` (or 4) for 2 (4) calls. The DiT instead of the UNet:
+experiments/mnist_meanflow_dit.py (half the step time, slower per second of training).
 
-Measured (docs/flow_maps.md, 2026-12-03, the project's 2-core VM, project classifier,
-N = 1,000): after 2,800 steps, one network call: conditional accuracy 0.982, classifier-FD
-5.4x the floor; two calls: 0.992 and 1.42x; four: 0.995 and 1.40x. Issue #23's goal is met
-at two calls, not at one (<= 3x), and the 2,800 steps took about 40 minutes on that VM alone
-(0.8-0.9 s per step), over its 30. Train, sample and evaluate:
+Measured: docs/flow_maps.md ("The improved MeanFlow tangent and uniform (t, r)", 2026-12-04,
+the project's classifier, N = 1,000). Train, sample and evaluate:
 
     python launch.py --config experiments/mnist_meanflow.py
+    python launch.py --config experiments/mnist_meanflow.py --mode sample   # 1 call per image
     python launch.py --config experiments/mnist_meanflow.py --mode eval \
-        --config.eval.parts="('quality',)" --config.eval.num_samples=1000
+        --config.eval.parts="('quality',)" --config.eval.num_samples=1000 --config.eval.batch_size=500
 """
 
 from experiments import mnist_flow
@@ -32,9 +33,12 @@ def get_config():
 
     d = config.diffusion
     d.objective = "meanflow"
-    d.flow.t_sampling = "logit_normal"
-    d.flow.logit_mean = -0.4  # MeanFlow's (t, r) draws: sigmoid of N(-0.4, 1.0)
-    d.flow.logit_std = 1.0
+    # (t, r): the larger and the smaller of two uniform draws on [0, 1]. One call evaluates
+    # u(x_1, 0, 1): two logit-normal (-0.4, 1) draws almost never train t near 1 and r near 0 (both
+    # beyond 0.9 / under 0.1 about once in 3,000 pairs), two uniform ones once in 50. At 1,800 steps
+    # of 2,700: one call 2.65x the floor against 4.1x, two calls 1.82x against 1.59x (u2, u1;
+    # docs/flow_maps.md, "The improved MeanFlow tangent and uniform (t, r)")
+    d.flow.t_sampling = "uniform"
     # t and t - r enter the sinusoidal embeddings unscaled (as in SiT and MeanFlow's code): at the
     # flow default of 1000 t the embedding's top frequency makes du/dt ~1000x larger at
     # initialisation and the JVP target diverged (a tiny UNet's error grew 100x in 300 steps,
@@ -42,17 +46,20 @@ def get_config():
     d.flow.time_scale = 1.0
     m = d.meanflow
     m.ratio = 0.25  # r != t on a quarter of the batch (the JVP's share)
+    # the JVP's x-tangent: the network's own velocity u(x_t, t, t) (improved MeanFlow), not eps - x0,
+    # whose noise the Jacobian carries into the target: at 900 steps one call 8.6x the floor where
+    # the conditional tangent needed 1,400 steps for 9.0x (docs/flow_maps.md)
+    m.tangent = "predicted"
     m.norm_p = 1.0
     m.norm_eps = 0.01
     m.omega = 1.5  # guidance in the target: v_g = 1.5 v - 0.5 u(x_t, t, t | null)
     m.kappa = 0.0
 
     t = config.training
-    # bench/bench_flow_maps.py: a MeanFlow step takes 1.3-1.45x the wall of a flow-matching step of
-    # this network; on the VM of the goal run (2026-12-03) 0.74 s against 0.51 s, so 2,800 steps
-    # took ~40 minutes alone (docs/flow_maps.md); two calls already meet #23's goal at 1,400
-    t.num_steps = 2800
-    t.sample_every_steps = 1400
+    # ~0.58 s per step on the 2-core VM of 2026-12-04 (bench/bench_train.py): 2,400 steps, start-up
+    # and the grid fit in ~25 minutes
+    t.num_steps = 2400
+    t.sample_every_steps = 2400  # the last step only
 
     s = config.sample
     s.method = "meanflow"

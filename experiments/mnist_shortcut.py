@@ -19,7 +19,8 @@ def get_config():
     config.experiment = "mnist_shortcut"
     d = config.diffusion
     d.objective = "shortcut"
-    d.flow.logit_mean = 0.0  # flow matching's t: logit-normal (0, 1), as experiments/mnist_flow.py
+    d.flow.t_sampling = "logit_normal"  # flow matching's t: logit-normal (0, 1), as experiments/mnist_flow.py
+    d.flow.logit_mean = 0.0
     d.flow.time_scale = 1000.0  # the flow default: no derivative in t is taken here, and the step
     # sizes 1/128 .. 1 sit far apart on the embedding's scale
     s = d.shortcut
