@@ -79,6 +79,11 @@ def _number(name, value, lo, hi, *, lo_open=False, hi_open=False):
         raise ValueError(f"{name} must be a number in {lo_s}, {hi_s}, got {value!r}")
 
 
+def _choice(name, value, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
 def network(apply_fn: Callable, process, params, **apply_kwargs) -> Callable:
     """net(x_t, t, r, cond) -> u: a model with interval_input (`apply_fn` = model.apply) as the
     average velocity over [r, t] (t, r float [B]); it sees the process's inputs (x_t, 1000 t) and
@@ -170,8 +175,7 @@ class MeanFlow(_FlowMapObjective):
     def __post_init__(self):
         super().__post_init__()
         _number("ratio", self.ratio, 0.0, 1.0)
-        if self.tangent not in ("conditional", "predicted"):
-            raise ValueError(f"tangent must be one of ('conditional', 'predicted'), got {self.tangent!r}")
+        _choice("tangent", self.tangent, ("conditional", "predicted"))
         _number("norm_p", self.norm_p, 0.0, None)
         _number("norm_eps", self.norm_eps, 0.0, None, lo_open=True)
 
@@ -232,8 +236,7 @@ class Shortcut(_FlowMapObjective):
         _number("bootstrap_fraction", self.bootstrap_fraction, 0.0, 1.0)
         if isinstance(self.num_levels, bool) or not isinstance(self.num_levels, int) or not 0 <= self.num_levels <= 16:
             raise ValueError(f"num_levels must be an integer in [0, 16], got {self.num_levels!r}")
-        if self.teacher not in ("current", "ema"):
-            raise ValueError(f"teacher must be one of ('current', 'ema'), got {self.teacher!r}")
+        _choice("teacher", self.teacher, ("current", "ema"))
 
     def target_params(self, params, ema_params):
         return ema_params if self.teacher == "ema" else params

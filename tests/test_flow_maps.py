@@ -217,6 +217,7 @@ def test_a_tiny_network_learns_under_each_experiment_s_objective(name):
      "config.diffusion.objective: objective 'meanflow' needs process 'flow'"),
     ({"model.interval_input": False}, "needs model.interval_input=True"),
     ({"diffusion.meanflow.ratio": -0.1}, "config.diffusion.meanflow.ratio"),
+    ({"diffusion.meanflow.tangent": "marginal"}, "config.diffusion.meanflow.tangent must be one of"),
     ({"diffusion.process": "edm", "diffusion.prediction": "edm", "diffusion.objective": "denoising"},
      "config.sample.method 'meanflow' needs the flow process"),
     ({"diffusion.prediction": "x0", "diffusion.objective": "denoising"}, "config.sample.method must be a sampler other"),
