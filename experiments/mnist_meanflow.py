@@ -56,8 +56,8 @@ def get_config():
     m.kappa = 0.0
 
     t = config.training
-    # ~0.58 s per step on the 2-core VM of 2026-12-04 (bench/bench_train.py): 2,400 steps, start-up
-    # and the grid fit in ~25 minutes
+    # the goal run from a fresh clone (2026-12-04, 2-core VM, 1.6-1.9 steps/s): 2,400 steps with
+    # MNIST preparation, the kernel build and the grid took 24 min 45 s (docs/flow_maps.md)
     t.num_steps = 2400
     t.sample_every_steps = 2400  # the last step only
 
